@@ -1,0 +1,53 @@
+"""bayesify: turn PyTorch networks into Bayesian ones with one call.
+
+>>> import bayesify as bf
+>>> bm = bf.bayesify(model, "mc_dropout", task="classification").fit((X, y))
+>>> pred = bm.predict(X_test)                      # a Predictive
+>>> bf.calibration.evaluate(pred, y_test)          # accuracy, NLL, ECE, ...
+"""
+
+from bayesify.core import (
+    TASKS,
+    BayesianModel,
+    available_methods,
+    bayesify,
+    get_method,
+    register_method,
+)
+from bayesify.errors import (
+    BayesifyError,
+    BayesifyWarning,
+    InputError,
+    JitterWarning,
+    NotFittedError,
+    NotPSDError,
+    UnsupportedModelError,
+)
+from bayesify.predictive import (
+    CategoricalPredictive,
+    GaussianPredictive,
+    MixturePredictive,
+    Predictive,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TASKS",
+    "BayesianModel",
+    "BayesifyError",
+    "BayesifyWarning",
+    "CategoricalPredictive",
+    "GaussianPredictive",
+    "InputError",
+    "JitterWarning",
+    "MixturePredictive",
+    "NotFittedError",
+    "NotPSDError",
+    "Predictive",
+    "UnsupportedModelError",
+    "available_methods",
+    "bayesify",
+    "get_method",
+    "register_method",
+]

@@ -1,0 +1,45 @@
+"""The exception and warning hierarchy.
+
+Every error bayesify raises derives from :class:`BayesifyError` and also from the
+built-in that fits it, so existing ``except ValueError`` handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BayesifyError",
+    "BayesifyWarning",
+    "InputError",
+    "JitterWarning",
+    "NotFittedError",
+    "NotPSDError",
+    "UnsupportedModelError",
+]
+
+
+class BayesifyError(Exception):
+    """Root of every error raised by bayesify."""
+
+
+class InputError(BayesifyError, ValueError):
+    """An argument has the wrong type, shape, range or content."""
+
+
+class UnsupportedModelError(InputError):
+    """A model cannot be wrapped by the requested method (the message names the fix)."""
+
+
+class NotFittedError(BayesifyError, RuntimeError):
+    """A model or evaluator was used before ``fit`` created the state it needs."""
+
+
+class NotPSDError(BayesifyError, RuntimeError):
+    """A matrix that must be positive definite is not, even after adding jitter."""
+
+
+class BayesifyWarning(UserWarning):
+    """Root of every warning issued by bayesify."""
+
+
+class JitterWarning(BayesifyWarning):
+    """Jitter had to be added to a matrix's diagonal before it could be factorized."""

@@ -204,6 +204,16 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
                 f".{action}()"
             )
 
+    @classmethod
+    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
+        """How ``bayesify report`` runs this method on a pretrained MLP.
+
+        Returns ``{"options": {...}, "fit": {...}}``: keyword options for
+        ``bayesify(...)`` and for ``fit(...)``. Methods override it with settings that
+        suit the small embedded data sets.
+        """
+        return {"options": {}, "fit": {}}
+
     # ---------------------------------------------------------------- the contract
 
     @abc.abstractmethod

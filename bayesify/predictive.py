@@ -66,21 +66,52 @@ class Predictive(abc.ABC):
         return self.num_points
 
     def _fields(self) -> dict[str, torch.Tensor | None]:
-        return {name: getattr(self, "_" + name) for name in self._point_fields}
+        fields = {name: getattr(self, "_" + name) for name in self._point_fields}
+        for key, value in self.scores.items():
+            fields["score:" + key] = value
+        return fields
+
+    def _dims(self) -> tuple[int, ...]:
+        return self._point_dims + (0,) * len(self.scores)
 
     def _rebuild(self: P, fields: dict[str, torch.Tensor | None]) -> P:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        scores = {}
         for name, value in fields.items():
-            setattr(new, "_" + name, value)
+            if name.startswith("score:"):
+                scores[name[len("score:"):]] = value
+            else:
+                setattr(new, "_" + name, value)
+        new._scores = scores
         return new
+
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Method-specific per-point scores [N] (e.g. VBLL's feature log density).
+
+        ``bayesify.ood.score(pred, kind)`` looks kinds up here when they are not one of
+        its built-in scores.
+        """
+        return getattr(self, "_scores", {})
+
+    def with_scores(self: P, **scores: torch.Tensor) -> P:
+        """A copy carrying extra per-point scores, each [N]."""
+        fields = self._fields()
+        for key, value in scores.items():
+            value = as_tensor(value, key, device=self.device, ndim=1)
+            if value.shape[0] != self.num_points:
+                raise InputError(f"score `{key}` must have one value per point "
+                                 f"({self.num_points}), got {value.shape[0]}")
+            fields["score:" + key] = value
+        return self._rebuild(fields)
 
     def __getitem__(self: P, index: Any) -> P:
         """Select points: ``pred[mask]``, ``pred[idx]`` or ``pred[a:b]``, same type."""
         if isinstance(index, int):
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
         out = {}
-        for (name, value), dim in zip(self._fields().items(), self._point_dims, strict=True):
+        for (name, value), dim in zip(self._fields().items(), self._dims(), strict=True):
             if value is None:
                 out[name] = None
             else:
@@ -108,11 +139,11 @@ class Predictive(abc.ABC):
                     f"`items` must all be {type(first).__name__}, got {type(item).__name__}"
                 )
         out = {}
-        for (name, value), dim in zip(first._fields().items(), first._point_dims, strict=True):
+        for (name, value), dim in zip(first._fields().items(), first._dims(), strict=True):
             if value is None:
                 out[name] = None
             else:
-                out[name] = torch.cat([getattr(i, "_" + name) for i in items], dim=dim)
+                out[name] = torch.cat([i._fields()[name] for i in items], dim=dim)
         return first._rebuild(out)
 
     @property

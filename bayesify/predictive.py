@@ -584,20 +584,16 @@ class MixturePredictive(RegressionPredictive):
         log_w = self._w().clamp_min(torch.finfo(var.dtype).tiny).log()
         return torch.logsumexp(component + log_w, dim=0)
 
-    def _mixture_cdf(self, y: torch.Tensor) -> torch.Tensor:
-        # y: [..., *point_shape] broadcast against components on a new axis.
-        z = (y.unsqueeze(-self._means.dim() - 1) - self._means) / self._safe_variances().sqrt()
-        return (self._w() * _normal_cdf(z)).sum(-self._means.dim())
-
     def _cdf(self, y: torch.Tensor) -> torch.Tensor:
-        return self._mixture_cdf(y)
+        z = (y - self._means) / self._safe_variances().sqrt()
+        return (self._w() * _normal_cdf(z)).sum(0)
 
     def _quantile(self, levels: torch.Tensor) -> torch.Tensor:
         # The mixture CDF is a convex combination of the component CDFs, so its q-quantile
         # lies between the smallest and largest component q-quantile: an exact bracket.
         means = self._means.double()
         std = self._variances.double().sqrt()
-        z = torch.special.ndtri(levels).reshape((-1, 1) + (1,) * means.dim())
+        z = torch.special.ndtri(levels).reshape((-1,) + (1,) * means.dim())
         component_quantiles = means + z * std  # [Q, S, *point]
         lo = component_quantiles.min(1).values
         hi = component_quantiles.max(1).values

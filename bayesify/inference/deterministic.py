@@ -16,7 +16,7 @@ from torch import nn
 from bayesify._validation import check_labels
 from bayesify.core import BayesianModel, register_method
 from bayesify.errors import InputError
-from bayesify.likelihoods import GaussianNoise, infer_output_width
+from bayesify.likelihoods import GaussianNoise, infer_output_width, regression_targets
 from bayesify.predictive import CategoricalPredictive, GaussianPredictive, Predictive
 
 __all__ = ["DeterministicModel", "NetworkLikelihoodMixin"]
@@ -82,8 +82,7 @@ class NetworkLikelihoodMixin:
         for x, y in batches:
             output = self.model(x)
             self.noise.check_output(output)
-            y = y[:, None] if y.dim() == 1 else y
-            residuals.append(y - output)
+            residuals.append(regression_targets(y, self.noise.num_outputs) - output)
             if sum(r.shape[0] for r in residuals) >= 4096:
                 break
         self.noise.initialize_from_residuals(torch.cat(residuals))

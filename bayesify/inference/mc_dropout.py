@@ -1,0 +1,269 @@
+"""MC dropout (Gal & Ghahramani, ICML 2016): keep dropout on at prediction time.
+
+A network trained with dropout (and L2) is an approximate variational posterior; its
+predictive averages S stochastic forward passes: the softmax for classification, a
+mixture of S Gaussians for regression (aleatoric noise from
+:class:`~bayesify.likelihoods.GaussianNoise`). Everything but dropout stays in eval mode
+while sampling, so BatchNorm uses, and never updates, its running statistics.
+
+Sampling is batched. Each dropout module samples through a forward hook with masks from
+its own generator (:class:`~bayesify.layers.dropout.DropoutSampler`); the first dropout
+that runs replicates its input S times along the batch axis, so everything before it
+(the deterministic prefix) runs once per chunk of samples and the stochastic rest runs
+on all samples of the chunk in one call. When the model is an ``nn.Sequential`` (nested
+ones included), the prefix is cut off and runs exactly once. Chunks hold at most
+``max_batch_rows`` rows. This needs the network to keep rows apart after the first
+dropout (row-wise layers, as in an MLP or CNN head); when a replicated tensor meets an
+unreplicated one (a skip connection from before the dropout, a second dropout on a
+branch that bypasses the first), the shape checks fail and prediction falls back to one
+full forward pass per sample, with a :class:`~bayesify.errors.BayesifyWarning`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayesify._validation import check_fraction, check_positive_int
+from bayesify.core import BayesianModel, preserve_training_flags, register_method
+from bayesify.errors import BayesifyWarning, InputError
+from bayesify.inference.deterministic import NetworkLikelihoodMixin
+from bayesify.layers.dropout import (
+    DropoutSampler,
+    FastPathUnavailable,
+    find_dropout,
+    insert_dropout,
+)
+from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predictive
+
+__all__ = ["MCDropoutModel"]
+
+
+def _flatten_sequential(module: nn.Module) -> list[nn.Module]:
+    """The chain of modules a plain ``nn.Sequential`` (nested ones too) runs in order."""
+    plain = (isinstance(module, nn.Sequential)
+             and type(module).forward is nn.Sequential.forward
+             and not module._forward_hooks and not module._forward_pre_hooks)
+    if not plain:
+        return [module]
+    return [leaf for child in module for leaf in _flatten_sequential(child)]
+
+
+def split_at_first_dropout(model: nn.Module, dropout: Sequence[nn.Module]
+                           ) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Split a Sequential into a dropout-free prefix and the rest.
+
+    Returns:
+        ``(prefix, suffix)``: module chains whose composition is ``model``; the prefix
+        holds no sampled dropout. For a model that is not a plain Sequential the prefix
+        is empty and the suffix is ``[model]``.
+    """
+    ids = {id(m) for m in dropout}
+    chain = _flatten_sequential(model)
+    for k, module in enumerate(chain):
+        if any(id(m) in ids for m in module.modules()):
+            return chain[:k], chain[k:]
+    return [], [model]
+
+
+def _run(chain: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in chain:
+        x = module(x)
+    return x
+
+
+def _module_seeds(count: int, generator: torch.Generator | None) -> list[int]:
+    """One seed per dropout module, drawn from ``generator`` (or torch's global RNG)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    seeds = torch.randint(0, 2**62, (count,), generator=generator, device=device)
+    return [int(s) for s in seeds.tolist()]
+
+
+def _generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+@register_method("mc_dropout")
+class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
+    """Monte Carlo dropout over a network's own or inserted dropout.
+
+    Args:
+        model: a network outputting logits [N, C] (classification) or means [N, D]
+            (regression; [N, 2D] with ``noise="heteroscedastic"``).
+        task: ``"classification"`` or ``"regression"``.
+        p: rate of inserted dropout in [0, 1) (default 0.1). Dropout is inserted when
+            the model has no active dropout (any of ``nn.Dropout``, ``Dropout1d/2d/3d``,
+            ``AlphaDropout``, ``FeatureAlphaDropout`` with p > 0), or when ``layers`` or
+            ``before`` is given; otherwise the model's own dropout is sampled at its own
+            rates and passing ``p`` alone is an error.
+        layers: insert dropout on the input of the last ``layers`` ``nn.Linear`` modules
+            (registration order; default 1).
+        before: names of submodules (any type, e.g. ``"features.conv3"``) to insert
+            dropout before, instead of ``layers``.
+        noise: regression noise: ``"homoscedastic"`` (learned, default),
+            ``"heteroscedastic"`` (the network outputs means and raw scales) or a fixed
+            standard deviation.
+        num_outputs: D, when it cannot be read off the model's last layer.
+        n_data: unused (MC dropout's prior weight is the user's ``weight_decay``).
+        fast_path: run the deterministic prefix once and the samples batched (see the
+            module docstring); ``False`` always runs one forward pass per sample.
+        max_batch_rows: at most this many rows (samples × inputs) per batched call.
+
+    Inserted dropout hangs off its target module as ``<name>.bayesify_dropout`` and runs
+    from a forward pre-hook, so parameter names and eval-mode outputs are unchanged. A
+    classifier wraps as fitted (a pretrained network predicts right away; fine-tuning
+    with the inserted dropout usually helps); a regressor needs ``fit`` to learn its
+    noise unless ``noise`` is a number. Train with ``fit(..., weight_decay=...)``: L2 on
+    the weights is the prior of the dropout posterior.
+
+    ``default_num_samples`` is 64, a cost/accuracy compromise: the paper's UCI runs
+    average 10,000 passes, which the Monte Carlo error rarely needs for classification.
+    """
+
+    default_num_samples = 64
+
+    def __init__(self, model: nn.Module, task: str, *, p: float | None = None,
+                 layers: int | None = None, before: str | Sequence[str] | None = None,
+                 noise: Any = "homoscedastic", num_outputs: int | None = None,
+                 n_data: int | None = None, fast_path: bool = True,
+                 max_batch_rows: int = 32768):
+        if model is None:
+            raise InputError("`model` is None; MC dropout needs a network to sample")
+        super().__init__(model, task, n_data=n_data)
+        rate = 0.1 if p is None else check_fraction(p, "p", low_inclusive=True)
+        count = 1 if layers is None else check_positive_int(layers, "layers")
+        if layers is not None and before is not None:
+            raise InputError("pass either `layers` (the last k nn.Linear) or `before` "
+                             "(named submodules), not both")
+        self.fast_path = bool(fast_path)
+        self.max_batch_rows = check_positive_int(max_batch_rows, "max_batch_rows")
+        # The likelihood is checked before the model is touched, so a failed wrap
+        # leaves the user's network as it was.
+        self._init_likelihood(noise, num_outputs)
+        existing = [name for name, _ in find_dropout(model)]
+        insert = layers is not None or before is not None or not existing
+        if p is not None and not insert:
+            raise InputError(
+                f"`p` sets the rate of inserted dropout, but the model already has dropout "
+                f"({', '.join(existing[:4])}) and none is inserted; drop `p` to sample the "
+                "model's own dropout, or also pass `layers=`/`before=` to insert more")
+        #: Names of the modules that got inserted dropout on their input.
+        self.inserted: list[str] = (insert_dropout(model, rate, layers=count, before=before)
+                                    if insert else [])
+        self._fast_ok = True
+        if task == "classification" or self.noise.kind == "fixed":
+            self._mark_fitted()
+
+    @classmethod
+    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
+        # The report's MLP is pretrained without dropout: insert it before the last two
+        # Linear layers and fine-tune briefly so the weights adapt to it.
+        return {"options": {"p": 0.1, "layers": 2},
+                "fit": {"epochs": 10 if task == "classification" else 200,
+                        "lr": 1e-3, "weight_decay": 1e-4, "progress": False}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._point(self.model(x))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._nll(self.model(x), y)
+
+    def on_fit_start(self, batches: Any) -> None:
+        if not self.is_fitted:
+            with preserve_training_flags(self.model):
+                self.model.eval()
+                self._initialize_noise(batches)
+
+    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
+                       generator: torch.Generator | None) -> Predictive:
+        outputs = self.sample_outputs(x, num_samples or self.default_num_samples, generator)
+        if self.task == "classification":
+            if outputs.dim() != 3:
+                raise InputError("a classifier must output logits [N, C], got "
+                                 f"{list(outputs.shape[1:])}")
+            return CategoricalPredictive.from_logits(sample_logits=outputs)
+        self.noise.check_output(outputs[0])
+        mean, variance = self.noise.split(outputs)
+        return MixturePredictive(self._squeeze(mean), self._squeeze(variance))
+
+    # -------------------------------------------------------------------- sampling
+
+    def sample_outputs(self, x: torch.Tensor, num_samples: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Raw network outputs under S dropout samples.
+
+        Args:
+            x: inputs [N, ...] on the model's device.
+            num_samples: S.
+            generator: source of the masks (torch's global RNG when ``None``).
+
+        Returns:
+            [S, N, K]. Every module but dropout runs in eval mode; the training flags
+            are restored afterwards, also when the forward raises.
+        """
+        dropout = [m for _, m in find_dropout(self.model)]
+        seeds = _module_seeds(len(dropout), generator)
+        with preserve_training_flags(self.model):
+            self.model.eval()
+            if not dropout:
+                out = self.model(x)
+                return out.unsqueeze(0).expand(num_samples, *out.shape)
+            if self.fast_path and self._fast_ok and num_samples > 1:
+                try:
+                    return self._sample_fast(x, num_samples, dropout, seeds)
+                except (FastPathUnavailable, RuntimeError) as exc:
+                    reason = exc
+                outputs = self._sample_loop(x, num_samples, dropout, seeds)
+                self._fast_ok = False
+                warnings.warn(
+                    f"MC dropout fell back to one forward pass per sample ({reason}); the "
+                    "network mixes rows after its first dropout. Pass fast_path=False to "
+                    "skip the attempt", BayesifyWarning, stacklevel=4)
+                return outputs
+            return self._sample_loop(x, num_samples, dropout, seeds)
+
+    def _sample_loop(self, x: torch.Tensor, num_samples: int, dropout: list[nn.Module],
+                     seeds: list[int]) -> torch.Tensor:
+        """The reference: one full forward pass per sample."""
+        sampler = DropoutSampler(dropout, _generators(seeds, x.device))
+        outputs = []
+        with sampler.attached():
+            for _ in range(num_samples):
+                sampler.arm(1, x.shape[0])
+                outputs.append(self.model(x))
+                if sampler.calls == 0:
+                    return _identical(outputs[0], num_samples)
+        return torch.stack(outputs)
+
+    def _sample_fast(self, x: torch.Tensor, num_samples: int, dropout: list[nn.Module],
+                     seeds: list[int]) -> torch.Tensor:
+        """The prefix once, then chunks of samples replicated along the batch axis."""
+        sampler = DropoutSampler(dropout, _generators(seeds, x.device))
+        prefix, suffix = split_at_first_dropout(self.model, dropout)
+        n = x.shape[0]
+        with sampler.attached():
+            hidden = _run(prefix, x)
+            per_chunk = max(1, self.max_batch_rows // max(1, hidden.shape[0]))
+            outputs = []
+            for start in range(0, num_samples, per_chunk):
+                copies = min(per_chunk, num_samples - start)
+                sampler.arm(copies, hidden.shape[0])
+                out = _run(suffix, hidden)
+                if sampler.calls == 0:
+                    return _identical(out, num_samples)
+                if out.dim() == 0 or out.shape[0] != copies * n:
+                    raise FastPathUnavailable(
+                        f"the output has {out.shape[0] if out.dim() else 0} rows where "
+                        f"{copies} samples x {n} inputs were expected")
+                outputs.append(out.reshape(copies, n, *out.shape[1:]))
+        return torch.cat(outputs)
+
+
+def _identical(output: torch.Tensor, num_samples: int) -> torch.Tensor:
+    warnings.warn("none of the model's dropout modules ran in its forward pass, so all MC "
+                  "dropout samples are identical", BayesifyWarning, stacklevel=5)
+    return output.unsqueeze(0).expand(num_samples, *output.shape)

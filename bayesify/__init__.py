@@ -23,6 +23,7 @@ from bayesify.errors import (
     NotPSDError,
     UnsupportedModelError,
 )
+from bayesify.inference.ivon import IVON
 from bayesify.predictive import (
     CategoricalPredictive,
     GaussianPredictive,
@@ -39,6 +40,7 @@ __all__ = [
     "BayesifyWarning",
     "CategoricalPredictive",
     "GaussianPredictive",
+    "IVON",
     "InputError",
     "JitterWarning",
     "MixturePredictive",

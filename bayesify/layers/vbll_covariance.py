@@ -1,0 +1,237 @@
+"""Covariance parameterizations and the prior terms of variational Bayesian last layers.
+
+A VBLL head keeps one Gaussian N(w̄_k, S_k) over each of its m weight rows (or class
+means) of dimension d. :class:`VBLLCovariance` holds the m covariances S_k in one of
+three forms and offers exactly the quantities the ELBO and the predictive need, none of
+which forms an inverse:
+
+* ``"dense"``: S = L Lᵀ with L lower triangular, positive diagonal by ``exp``;
+  φᵀSφ = ‖Lᵀφ‖², tr S = ‖L‖²_F, log det S = 2 Σ log L_ii.  O(B·m·d²) per batch.
+* ``"diagonal"``: S = diag(exp(2·log_std)).  O(B·m·d).
+* ``"lowrank"``: S = U Uᵀ + diag(exp(2·log_std)) with U [d, r];
+  log det S by the matrix determinant lemma through the Cholesky factor of the r×r
+  capacitance I + Uᵀ D⁻¹ U (D is diagonal, so D⁻¹ is elementwise).  O(B·m·d·r).
+
+The pure functions :func:`gaussian_kl` and :func:`wishart_log_prior` are the
+regularizers of the ELBO (METHODS.md, VBLL).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from bayesify._validation import check_choice, check_positive_int
+from bayesify.errors import InputError, JitterWarning, NotPSDError
+
+__all__ = [
+    "COVARIANCES",
+    "VBLLCovariance",
+    "cholesky_with_jitter",
+    "gaussian_kl",
+    "wishart_log_prior",
+]
+
+COVARIANCES = ("dense", "diagonal", "lowrank")
+
+# A small nonzero low-rank factor at initialization: U = 0 is a stationary point of
+# every term of the ELBO (all gradients in U are linear in U), so training would never
+# leave it.
+_LOWRANK_INIT = 0.1
+
+
+def gaussian_kl(mean: torch.Tensor, trace: torch.Tensor, logdet: torch.Tensor,
+                prior_var: float) -> torch.Tensor:
+    """KL(N(w̄_k, S_k) ‖ N(0, s·I)) for each of m rows.
+
+    KL_k = ½[‖w̄_k‖²/s + tr S_k/s − log det S_k + d·log s − d].
+
+    Args:
+        mean: posterior means w̄ [m, d].
+        trace: tr S_k [m].
+        logdet: log det S_k [m].
+        prior_var: s, the prior variance of each weight.
+
+    Returns:
+        KL per row [m].
+    """
+    d = mean.shape[-1]
+    return 0.5 * ((mean.pow(2).sum(-1) + trace) / prior_var - logdet
+                  + d * math.log(prior_var) - d)
+
+
+def wishart_log_prior(log_var: torch.Tensor, dof: float, scale: float) -> torch.Tensor:
+    """The Wishart-type log prior of a diagonal noise covariance Σ = diag(exp(log_var)).
+
+    ν·log det Σ⁻¹ − ½·c·tr Σ⁻¹ with ν = (dof + n + 1)/2, n the dimension of Σ and
+    c = ``scale`` (up to a constant in Σ).
+
+    Args:
+        log_var: log σ² per dimension [n].
+        dof: the degrees of freedom.
+        scale: the Wishart scale c.
+
+    Returns:
+        A scalar.
+    """
+    nu = 0.5 * (dof + log_var.shape[-1] + 1)
+    return -nu * log_var.sum() - 0.5 * scale * torch.exp(-log_var).sum()
+
+
+def cholesky_with_jitter(matrix: torch.Tensor, name: str = "covariance",
+                         max_tries: int = 6) -> torch.Tensor:
+    """Lower Cholesky factor of (a batch of) SPD matrices [..., n, n].
+
+    Retries with a growing diagonal jitter (warning with :class:`JitterWarning`) and
+    raises :class:`NotPSDError` when even the largest jitter fails.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if not bool((info != 0).any()):
+        return factor
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    diag_mean = matrix.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(1e-30)
+    base = (1e-6 if matrix.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            else 1e-10) * float(diag_mean)
+    for attempt in range(max_tries):
+        jitter = base * 10.0 ** attempt
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+        if not bool((info != 0).any()):
+            warnings.warn(f"the {name} was not positive definite; added {jitter:.3g} to its "
+                          "diagonal", JitterWarning, stacklevel=2)
+            return factor
+    raise NotPSDError(f"the {name} is not positive definite, even with {jitter:.3g} added to "
+                      "its diagonal; check the inputs for duplicates or extreme scales")
+
+
+class VBLLCovariance(nn.Module):
+    """The covariances S_1..S_m of m Gaussian rows of dimension d.
+
+    Args:
+        num_rows: m, the number of rows (outputs or classes).
+        dim: d, the dimension of each row (the feature width).
+        kind: ``"dense"``, ``"diagonal"`` or ``"lowrank"``.
+        rank: r, the rank of the low-rank part (``"lowrank"`` only; default min(d, 10)).
+        init_std: the initial standard deviation of every weight (the diagonal of L,
+            or √diag S); default d^-½, the prior's scale.
+
+    Initialization is deterministic: S_k = init_std²·I (plus, for ``"lowrank"``, a
+    small fixed factor U = 0.1·init_std·[I_r; 0]).
+    """
+
+    def __init__(self, num_rows: int, dim: int, kind: str = "dense", *,
+                 rank: int | None = None, init_std: float | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.num_rows = check_positive_int(num_rows, "num_rows")
+        self.dim = check_positive_int(dim, "dim")
+        self.kind = check_choice(kind, "covariance", COVARIANCES)
+        init_std = dim ** -0.5 if init_std is None else float(init_std)
+        factory = {"dtype": dtype, "device": device}
+        self.log_std = nn.Parameter(torch.full((num_rows, dim), math.log(init_std), **factory))
+        self.rank = 0
+        if kind == "dense":
+            # Only the strictly lower triangle is used; the rest stays zero (zero gradient).
+            self.tril = nn.Parameter(torch.zeros(num_rows, dim, dim, **factory))
+        elif kind == "lowrank":
+            self.rank = check_positive_int(min(dim, 10) if rank is None else rank, "rank")
+            factor = _LOWRANK_INIT * init_std * torch.eye(dim, self.rank, **factory)
+            self.factor = nn.Parameter(factor.expand(num_rows, dim, self.rank).clone())
+        if kind != "lowrank" and rank is not None:
+            raise InputError(f"`rank` applies to covariance='lowrank' only, got rank={rank!r} "
+                             f"with covariance={kind!r}")
+
+    # ------------------------------------------------------------------ structure
+
+    def scale_tril(self) -> torch.Tensor:
+        """L [m, d, d] with S = L Lᵀ (``"dense"`` only)."""
+        return torch.tril(self.tril, diagonal=-1) + torch.diag_embed(self.log_std.exp())
+
+    def diagonal(self) -> torch.Tensor:
+        """diag S_k for every row [m, d]."""
+        if self.kind == "dense":
+            return self.scale_tril().pow(2).sum(-1)
+        diag = torch.exp(2 * self.log_std)
+        if self.kind == "lowrank":
+            diag = diag + self.factor.pow(2).sum(-1)
+        return diag
+
+    def covariance(self) -> torch.Tensor:
+        """The full matrices S [m, d, d] (for inspection and tests; O(m·d²) memory)."""
+        if self.kind == "dense":
+            L = self.scale_tril()
+            return L @ L.transpose(-1, -2)
+        S = torch.diag_embed(torch.exp(2 * self.log_std))
+        if self.kind == "lowrank":
+            S = S + self.factor @ self.factor.transpose(-1, -2)
+        return S
+
+    # ------------------------------------------------------- quantities of the ELBO
+
+    def quad(self, phi: torch.Tensor) -> torch.Tensor:
+        """φᵀ S_k φ for every input and row: phi [B, d] -> [B, m]."""
+        return self.terms(phi)[0]
+
+    def trace(self) -> torch.Tensor:
+        """tr S_k [m]."""
+        return self.terms()[1]
+
+    def logdet(self) -> torch.Tensor:
+        """log det S_k [m]."""
+        return self.terms()[2]
+
+    def terms(self, phi: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """φᵀS_kφ [B, m] (``None`` without ``phi``), tr S_k [m] and log det S_k [m].
+
+        One call builds the factor once for all three, as a training step needs them.
+        """
+        logdet = 2 * self.log_std.sum(-1)
+        if self.kind == "dense":
+            L = self.scale_tril()
+            trace = L.pow(2).sum((-1, -2))
+            # ‖L_kᵀφ‖²: one batched product [m, B, d], no inverse.
+            quad = None if phi is None else torch.matmul(phi.unsqueeze(0), L).pow(2).sum(-1).T
+            return quad, trace, logdet
+        var = torch.exp(2 * self.log_std)
+        trace = var.sum(-1)
+        quad = None if phi is None else phi.pow(2) @ var.T
+        if self.kind == "lowrank":
+            m, d, r = self.factor.shape
+            trace = trace + self.factor.pow(2).sum((-1, -2))
+            if phi is not None:
+                low = phi @ self.factor.permute(1, 0, 2).reshape(d, m * r)
+                quad = quad + low.reshape(-1, m, r).pow(2).sum(-1)
+            # det(D + UUᵀ) = det D · det(I + Uᵀ D⁻¹ U)  (matrix determinant lemma).
+            chol = cholesky_with_jitter(self.capacitance(var), "low-rank capacitance matrix")
+            logdet = logdet + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return quad, trace, logdet
+
+    def capacitance(self, diag: torch.Tensor) -> torch.Tensor:
+        """I_r + Uᵀ diag(diag)⁻¹ U [m, r, r] for a positive diagonal ``diag`` [m, d]."""
+        scaled = self.factor / diag.unsqueeze(-1)
+        eye = torch.eye(self.rank, dtype=diag.dtype, device=diag.device)
+        return eye + self.factor.transpose(-1, -2) @ scaled
+
+    def kl(self, mean: torch.Tensor, prior_var: float) -> torch.Tensor:
+        """KL of each row's posterior N(mean_k, S_k) from N(0, prior_var·I) [m]."""
+        _, trace, logdet = self.terms()
+        return gaussian_kl(mean, trace, logdet, prior_var)
+
+    @torch.no_grad()
+    def reset(self, std: torch.Tensor) -> None:
+        """Set S_k = diag(std_k²) (a diagonal start), std [m, d] or broadcastable."""
+        self.log_std.copy_(torch.as_tensor(std, dtype=self.log_std.dtype,
+                                           device=self.log_std.device).log().expand_as(self.log_std))
+        if self.kind == "dense":
+            self.tril.zero_()
+        elif self.kind == "lowrank":
+            eye = torch.eye(self.dim, self.rank, dtype=self.factor.dtype, device=self.factor.device)
+            self.factor.copy_(_LOWRANK_INIT * self.log_std.exp().unsqueeze(-1) * eye)
+
+    def extra_repr(self) -> str:
+        rank = f", rank={self.rank}" if self.kind == "lowrank" else ""
+        return f"rows={self.num_rows}, dim={self.dim}, kind={self.kind!r}{rank}"
+

@@ -1,0 +1,273 @@
+"""The "hmc" method: NUTS over all weights of a small network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro.ops.stats import effective_sample_size
+from torch import nn
+
+import bayesify as bf
+from bayesify.data import make_gap_regression
+from bayesify.inference.hmc import HMCModel, gaussian_log_prior, split_diagnostics
+
+
+def _linear_data(n: int, sigma: float, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=generator, dtype=dtype)
+    y = x @ torch.tensor([1.0, -0.5], dtype=dtype) + 0.3
+    return x, y + sigma * torch.randn(n, generator=generator, dtype=dtype)
+
+
+def _exact_posterior(x, y, sigma, prior_std):
+    """Mean [P] and covariance [P, P] of Bayesian linear regression, P = weights + bias."""
+    phi = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).double()
+    precision = phi.T @ phi / sigma**2 + torch.eye(phi.shape[1], dtype=phi.dtype) / prior_std**2
+    cov = torch.linalg.inv(precision)
+    return cov @ phi.T @ y.double() / sigma**2, cov
+
+
+def _fit_linear(x, y, seed=0, **options):
+    net = nn.Linear(x.shape[1], 1).to(x.dtype)
+    bm = bf.bayesify(net, "hmc", task="regression", **options)
+    return bm.fit((x, y), progress=False, seed=seed)
+
+
+def test_linear_regression_matches_exact_posterior(dtype):
+    sigma, prior_std = 0.5, 0.5
+    x, y = _linear_data(20, sigma, dtype)
+    bm = _fit_linear(x, y, noise=sigma, prior_std=prior_std, num_samples=400, warmup=200)
+    draws = bm.samples.double()  # [1, S, 3]: weight (2), bias (1)
+    mean, cov = _exact_posterior(x, y, sigma, prior_std)
+    var = cov.diag()
+    # Monte Carlo error of the sample mean is sd / sqrt(ESS); of the sample variance,
+    # var * sqrt(2 / ESS') with ESS' the ESS of the squared deviations. 5 standard errors.
+    ess_mean = effective_sample_size(draws)
+    ess_var = effective_sample_size((draws - draws.mean(1, keepdim=True)) ** 2)
+    hmc_mean, hmc_var = draws[0].mean(0), draws[0].var(0)
+    assert torch.all((hmc_mean - mean).abs() <= 5 * var.sqrt() / ess_mean.sqrt())
+    assert torch.all((hmc_var / var - 1).abs() <= 5 * (2 / ess_var).sqrt())
+    # The prior matters here: the least-squares answer lies outside the tolerance.
+    ols = torch.linalg.lstsq(torch.cat([x, torch.ones(20, 1, dtype=dtype)], 1).double(),
+                             y.double()[:, None]).solution[:, 0]
+    assert torch.any((ols - mean).abs() > 5 * var.sqrt() / ess_mean.sqrt())
+    assert bm.samples.dtype == dtype
+    assert bm.diagnostics()["r_hat_max"] < 1.05
+
+
+def test_predictive_is_the_mixture_over_draws(dtype):
+    sigma = 0.5
+    x, y = _linear_data(20, sigma, dtype)
+    bm = _fit_linear(x, y, noise=sigma, num_samples=50, warmup=50)
+    pred = bm.predict(x)
+    assert isinstance(pred, bf.MixturePredictive) and pred.num_components == 50
+    assert pred.mean.dtype == dtype and pred.mean.shape == (20,)
+    weights, bias = bm.samples[0, :, :2], bm.samples[0, :, 2]
+    torch.testing.assert_close(pred.means, weights @ x.T + bias[:, None])
+    torch.testing.assert_close(pred.aleatoric_variance, torch.full_like(pred.mean, sigma**2))
+    torch.testing.assert_close(bm(x), pred.mean)
+    thinned = bm.predict(x, num_samples=10)
+    assert thinned.num_components == 10
+    torch.testing.assert_close(thinned.means[0], pred.means[0])
+    torch.testing.assert_close(thinned.means[-1], pred.means[-1])
+
+
+def test_learned_noise_is_sampled_and_recovers_the_truth():
+    x, y = _linear_data(200, 0.5, torch.float64)
+    bm = _fit_linear(x, y, num_samples=150, warmup=150)
+    log_std = bm.samples[0, :, -1]
+    assert bm.samples.shape[-1] == 4  # weights, bias, log noise std
+    assert abs(float(log_std.exp().mean()) - 0.5) < 0.08
+    assert float(log_std.std()) > 0.01
+    pred = bm.predict(x[:5])
+    torch.testing.assert_close(pred.variances, (2 * log_std).exp()[:, None].expand(-1, 5))
+    assert "log_noise_std" in bm.diagnostics()["parameters"]
+
+
+def test_gap_regression_has_more_variance_in_the_gap():
+    data = make_gap_regression(n_train=100)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 1))
+    bm = bf.bayesify(net, "hmc", task="regression", num_samples=100, warmup=100,
+                     max_tree_depth=5)
+    bm.fit((data.X_train, data.y_train), progress=False, seed=0)
+    pred = bm.predict(data.X_grid)
+    grid = data.X_grid[:, 0].abs()
+    on_data = (grid >= 0.5) & (grid <= 1.5)
+    gap, seen = pred.variance[data.gap_mask].mean(), pred.variance[on_data].mean()
+    assert gap > 1.5 * seen
+    assert pred.epistemic_variance[data.gap_mask].mean() > 5 * pred.epistemic_variance[
+        on_data].mean()
+    # The noise std of the data runs from 0.05 to 0.35: the fit must explain the data.
+    assert float(bm.predict(data.X_test).log_prob(data.y_test).mean()) > -0.3
+
+
+def test_classification_averages_softmax_over_draws():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 2, generator=generator)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 2))
+    bm = bf.bayesify(net, "hmc", task="classification", num_samples=40, warmup=40,
+                     max_tree_depth=4)
+    bm.fit((x, y), progress=False, seed=0)
+    pred = bm.predict(x)
+    assert isinstance(pred, bf.CategoricalPredictive)
+    assert pred.sample_probs.shape == (40, 60, 2)
+    assert float((pred.labels == y).float().mean()) >= 0.95
+    logits = torch.stack([
+        torch.func.functional_call(net, bm._flat.unflatten(w), (x,)) for w in bm.samples[0]
+    ])
+    torch.testing.assert_close(pred.probs, logits.softmax(-1).mean(0))
+    torch.testing.assert_close(bm(x).exp(), pred.probs)
+    # Far from the data, along the decision boundary, the draws disagree more.
+    far = torch.tensor([[6.0, -6.0], [-6.0, 6.0]])
+    assert bm.predict(far).epistemic().min() > pred.epistemic().mean()
+
+
+def test_seed_repeats_and_the_network_keeps_its_weights():
+    x, y = _linear_data(20, 0.5, torch.float32)
+    net = nn.Linear(2, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    bm = bf.bayesify(net, "hmc", task="regression", noise=0.5, num_samples=20, warmup=20)
+    first = bm.fit((x, y), progress=False, seed=3).samples.clone()
+    second = bm.fit((x, y), progress=False, seed=3).samples.clone()
+    third = bm.fit((x, y), progress=False, seed=4).samples.clone()
+    assert torch.equal(first, second) and not torch.equal(first, third)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    seeded = bf.bayesify(nn.Linear(2, 1), "hmc", task="regression", noise=0.5,
+                         num_samples=20, warmup=20, seed=3)
+    seeded.model.load_state_dict(net.state_dict())
+    assert torch.equal(seeded.fit((x, y), progress=False).samples, first)
+
+
+def test_two_chains_diagnostics_and_checkpoint(tmp_path):
+    x, y = _linear_data(20, 0.5, torch.float64)
+    bm = _fit_linear(x, y, noise=0.5, num_samples=100, warmup=100, num_chains=2)
+    diag = bm.diagnostics()
+    assert bm.samples.shape == (2, 100, 3)
+    assert set(diag["parameters"]) == {"weight", "bias"}
+    assert diag["parameters"]["weight"]["r_hat"].shape == (1, 2)
+    assert diag["parameters"]["bias"]["ess"].shape == (1,)
+    assert diag["r_hat_max"] < 1.1 and diag["ess_min"] > 20
+    assert len(diag["divergences"]) == len(diag["step_size"]) == 2
+    r_hat, ess = split_diagnostics(bm.samples)
+    assert diag["ess_min"] == pytest.approx(float(ess.min()))
+    path = tmp_path / "hmc.pt"
+    bm.save(str(path))
+    fresh = bf.bayesify(nn.Linear(2, 1).double(), "hmc", task="regression", noise=0.5)
+    fresh.load(str(path))
+    torch.testing.assert_close(fresh.predict(x).means, bm.predict(x).means)
+    assert fresh.diagnostics()["r_hat_max"] == pytest.approx(diag["r_hat_max"])
+
+
+def test_split_rhat_flags_a_chain_that_drifts():
+    steady = torch.randn(1, 400, 1, dtype=torch.float64)
+    drifting = steady + torch.linspace(0, 5, 400, dtype=torch.float64)[None, :, None]
+    assert float(split_diagnostics(steady)[0]) < 1.05
+    assert float(split_diagnostics(drifting)[0]) > 1.5
+
+
+def test_loss_is_the_negative_log_joint_per_datum(dtype):
+    x, y = _linear_data(10, 0.5, dtype)
+    net = nn.Linear(2, 1).to(dtype)
+    bm = bf.bayesify(net, "hmc", task="regression", noise=0.5, prior_std=2.0, n_data=40)
+    nll = -torch.distributions.Normal(net(x)[:, 0], 0.5).log_prob(y).mean()
+    theta = torch.cat([net.weight.reshape(-1), net.bias])
+    log_prior = torch.distributions.Normal(0.0, 2.0).log_prob(theta.double()).sum()
+    expected = nll.double() - log_prior / 40
+    torch.testing.assert_close(bm.loss(x, y).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bm.loss(x, y[:, None]), bm.loss(x, y))
+    torch.testing.assert_close(gaussian_log_prior(theta.double(), 2.0), log_prior)
+
+
+def test_classification_loss_uses_cross_entropy():
+    x = torch.randn(8, 3)
+    y = torch.randint(0, 2, (8,))
+    net = nn.Linear(3, 2)
+    bm = bf.bayesify(net, "hmc", task="classification", prior_std=1.0, n_data=8)
+    theta = torch.cat([net.weight.reshape(-1), net.bias])
+    expected = F.cross_entropy(net(x), y) - gaussian_log_prior(theta, 1.0) / 8
+    torch.testing.assert_close(bm.loss(x, y), expected)
+
+
+class _ScalarGate(nn.Module):
+    """A module vmap cannot batch (it reads a tensor into Python)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, x):
+        out = self.linear(x)
+        return out if bool((out.detach().abs() < 1e9).all()) else out * 0
+
+
+def test_models_vmap_cannot_batch_fall_back_to_a_loop():
+    x, y = _linear_data(15, 0.5, torch.float32)
+    bm = bf.bayesify(_ScalarGate(), "hmc", task="regression", noise=0.5, num_samples=10,
+                     warmup=10)
+    bm.fit((x, y), progress=False, seed=0)
+    pred = bm.predict(x)
+    w = bm.samples[0]
+    torch.testing.assert_close(pred.means, w[:, :2] @ x.T + w[:, 2:])
+
+
+def test_heteroscedastic_noise_comes_from_the_network():
+    x, y = _linear_data(30, 0.5, torch.float64)
+    net = nn.Linear(2, 2).double()
+    bm = bf.bayesify(net, "hmc", task="regression", noise="heteroscedastic",
+                     num_samples=20, warmup=20)
+    bm.fit((x, y), progress=False, seed=0)
+    w = bm.samples[0]
+    out = torch.stack([torch.func.functional_call(net, bm._flat.unflatten(t), (x,)) for t in w])
+    pred = bm.predict(x)
+    torch.testing.assert_close(pred.means, out[..., 0])
+    torch.testing.assert_close(pred.variances, F.softplus(out[..., 1]) + bm.noise.min_variance)
+
+
+def test_bad_inputs_are_refused():
+    x, y = _linear_data(10, 0.5, torch.float32)
+    net = nn.Linear(2, 1)
+    with pytest.raises(bf.InputError, match="`num_samples` must be an int >= 1"):
+        bf.bayesify(net, "hmc", task="regression", num_samples=0)
+    with pytest.raises(bf.InputError, match="`warmup` must be an int >= 0"):
+        bf.bayesify(net, "hmc", task="regression", warmup=-1)
+    with pytest.raises(bf.InputError, match="`num_chains` must be an int >= 1"):
+        bf.bayesify(net, "hmc", task="regression", num_chains=0)
+    with pytest.raises(bf.InputError, match="`prior_std` must be > 0"):
+        bf.bayesify(net, "hmc", task="regression", prior_std=0.0)
+    big = nn.Linear(100, 60)
+    with pytest.raises(bf.InputError, match="6,060 trainable parameters.*`max_parameters`"):
+        bf.bayesify(big, "hmc", task="regression")
+    assert bf.bayesify(big, "hmc", task="regression", max_parameters=7000) is not None
+    bm = bf.bayesify(net, "hmc", task="regression", noise=0.5, num_samples=5, warmup=5)
+    with pytest.raises(bf.NotFittedError, match=r"call \.fit\(train\) before \.predict"):
+        bm.predict(x)
+    with pytest.raises(bf.NotFittedError, match=r"before \.diagnostics"):
+        bm.diagnostics()
+    bad_x = x.clone()
+    bad_x[3, 1] = float("nan")
+    with pytest.raises(bf.InputError, match="`X` contains 1 NaN"):
+        bm.fit((bad_x, y), progress=False)
+    bad_y = y.clone()
+    bad_y[0] = float("inf")
+    with pytest.raises(bf.InputError, match="`y` contains 1 NaN or infinite"):
+        bm.fit((x, bad_y), progress=False)
+    with pytest.raises(bf.InputError, match=r"`y` must have shape \[N\] or \[N, 1\]"):
+        bm.fit((x, torch.randn(10, 3)), progress=False)
+    with pytest.raises(bf.InputError, match="HMC's fit takes no 'epochs'"):
+        bm.fit((x, y), epochs=3)
+    bm.fit((x, y), progress=False, seed=0)
+    with pytest.raises(bf.InputError, match="`num_samples` must be at most the 5 stored"):
+        bm.predict(x, num_samples=6)
+    with pytest.raises(bf.InputError, match="`model` is None"):
+        HMCModel(None, "regression")
+
+
+def test_report_settings_are_valid_options():
+    settings = HMCModel.report_settings("regression")
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    bm = bf.bayesify(net, "hmc", task="regression", **settings["options"])
+    assert bm.max_tree_depth <= 6 and bm.num_samples <= 200
+    assert set(settings["fit"]) <= {"progress", "seed"}

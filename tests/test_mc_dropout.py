@@ -296,6 +296,28 @@ def test_inserted_dropout_survives_deepcopy_and_before_names():
     assert net[2].bayesify_dropout.p == 0.5
 
 
+def test_before_inserts_on_any_module_type():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                        nn.Linear(4 * 2 * 2, 3))
+    bm = wrap(net, before="2", p=0.3)
+    assert bm.inserted == ["2"]
+    x = torch.randn(5, 1, 6, 6)
+    fast = bm.predict(x, num_samples=6, seed=1)
+    bm.fast_path = False
+    naive = bm.predict(x, num_samples=6, seed=1)
+    torch.testing.assert_close(fast.sample_probs, naive.sample_probs, atol=1e-6, rtol=0)
+    assert not torch.allclose(fast.sample_probs[0], fast.sample_probs[1])
+
+
+def test_forward_is_the_eval_mode_point_prediction_and_loss_is_cross_entropy():
+    net = mlp(dropout=0.5).eval()
+    bm = wrap(net)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(bm(x), net(x), atol=0, rtol=0)
+        torch.testing.assert_close(bm.loss(x, y), nn.functional.cross_entropy(net(x), y))
+
+
 def test_existing_dropout_is_kept_and_save_load_roundtrip(tmp_path):
     net = mlp(dropout=0.3)
     bm = wrap(net)

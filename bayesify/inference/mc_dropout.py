@@ -161,10 +161,11 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
     @classmethod
     def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
         # The report's MLP is pretrained without dropout: insert it before the last two
-        # Linear layers and fine-tune briefly so the weights adapt to it.
+        # Linear layers and fine-tune briefly so the weights adapt to it (on digits this
+        # lowers ECE and raises OOD AUROC over the deterministic net; p = 0.2 did not).
         return {"options": {"p": 0.1, "layers": 2},
-                "fit": {"epochs": 10 if task == "classification" else 200,
-                        "lr": 1e-3, "weight_decay": 1e-4, "progress": False}}
+                "fit": {"epochs": 10 if task == "classification" else 100,
+                        "lr": 1e-3, "weight_decay": 1e-4}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._point(self.model(x))
@@ -247,6 +248,9 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
         n = x.shape[0]
         with sampler.attached():
             hidden = _run(prefix, x)
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0:
+                raise FastPathUnavailable("the part before the first dropout does not "
+                                          "output a batched tensor")
             per_chunk = max(1, self.max_batch_rows // max(1, hidden.shape[0]))
             outputs = []
             for start in range(0, num_samples, per_chunk):
@@ -255,10 +259,10 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
                 out = _run(suffix, hidden)
                 if sampler.calls == 0:
                     return _identical(out, num_samples)
-                if out.dim() == 0 or out.shape[0] != copies * n:
-                    raise FastPathUnavailable(
-                        f"the output has {out.shape[0] if out.dim() else 0} rows where "
-                        f"{copies} samples x {n} inputs were expected")
+                rows = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() else 0
+                if rows != copies * n:
+                    raise FastPathUnavailable(f"the output has {rows} rows where {copies} "
+                                              f"samples x {n} inputs were expected")
                 outputs.append(out.reshape(copies, n, *out.shape[1:]))
         return torch.cat(outputs)
 

@@ -54,6 +54,8 @@ def find_dropout(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _apply_inserted_dropout(module: nn.Module, args: tuple) -> tuple:
     # A module-level function (not a closure) so deepcopy and pickling of the model keep
     # working: the hook reaches the dropout through the module it is called with.
+    if not args:
+        return None  # called with keyword inputs only: nothing positional to drop
     dropout = getattr(module, INSERTED_NAME)
     return (dropout(args[0]), *args[1:])
 

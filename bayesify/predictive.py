@@ -133,11 +133,15 @@ class Predictive(abc.ABC):
         if not items:
             raise InputError("`items` is empty; pass at least one predictive to concatenate")
         first = items[0]
+        present = {name: value is not None for name, value in first._fields().items()}
         for item in items:
             if type(item) is not type(first):
                 raise InputError(
                     f"`items` must all be {type(first).__name__}, got {type(item).__name__}"
                 )
+            if {name: value is not None for name, value in item._fields().items()} != present:
+                raise InputError("`items` must all carry the same fields (per-sample outputs, "
+                                 "aleatoric parts, scores) to be concatenated")
         out = {}
         for (name, value), dim in zip(first._fields().items(), first._dims(), strict=True):
             if value is None:
@@ -349,8 +353,9 @@ class RegressionPredictive(Predictive):
 
     def _levels(self, q: Any) -> tuple[torch.Tensor, bool]:
         """Quantile levels as a float64 vector [Q], and whether a scalar was given."""
-        scalar = isinstance(q, float | int) or (isinstance(q, torch.Tensor) and q.dim() == 0)
-        levels = as_tensor(q, "q", dtype=torch.float64, device=self.mean.device).reshape(-1)
+        levels = as_tensor(q, "q", dtype=torch.float64, device=self.mean.device)
+        scalar = levels.dim() == 0  # also numpy scalars, which are not Python floats
+        levels = levels.reshape(-1)
         if bool(((levels <= 0) | (levels >= 1)).any()):
             raise InputError(f"`q` must lie in (0, 1), got {levels.tolist()}")
         return levels, scalar
@@ -522,12 +527,17 @@ class MixturePredictive(RegressionPredictive):
             weights = torch.full((num_components,), 1.0 / num_components,
                                  dtype=means.dtype, device=means.device)
         else:
-            weights = as_tensor(weights, "weights", dtype=means.dtype, device=means.device,
-                                ndim=1)
+            weights = as_tensor(weights, "weights", device=means.device, ndim=1)
+            if not weights.is_floating_point():
+                weights = weights.to(means.dtype)
             if weights.shape[0] != num_components:
                 raise InputError(f"`weights` must have one entry per component "
                                  f"({num_components}), got {weights.shape[0]}")
+            # Checked in the dtype they came in (float32 weights sum to one only to
+            # float32 precision), then renormalized in the mixture's dtype.
             check_probabilities(weights, "weights")
+            weights = weights.to(means.dtype)
+            weights = weights / weights.sum()
         self._means = means
         self._variances = variances
         self._weights = weights
@@ -554,6 +564,23 @@ class MixturePredictive(RegressionPredictive):
 
     def _w(self) -> torch.Tensor:
         return self._weights.reshape((-1,) + (1,) * (self._means.dim() - 1))
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> MixturePredictive:
+        new = super().to(device, dtype)
+        new._weights = self._weights.to(device=device, dtype=dtype)
+        return new
+
+    @classmethod
+    def cat(cls, items: Sequence[MixturePredictive]) -> MixturePredictive:
+        # Only the points are concatenated, so the components must be the same ones.
+        first = items[0] if items else None
+        for item in items:
+            if isinstance(first, MixturePredictive) and isinstance(item, MixturePredictive) \
+                    and not (item.weights.shape == first.weights.shape
+                             and torch.equal(item.weights, first.weights.to(item.weights))):
+                raise InputError("`items` must share the mixture `weights` to be concatenated")
+        return super().cat(items)
 
     @property
     def mean(self) -> torch.Tensor:

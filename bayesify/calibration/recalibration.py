@@ -1,0 +1,507 @@
+"""Post-hoc recalibration: fit a small map on held-out data, apply it to any predictive.
+
+Every recalibrator has ``fit(pred, y)`` (returns ``self``) and ``transform(pred)``
+(returns a new Predictive of the same task), and works for every method because it
+only sees Predictives:
+
+* :class:`TemperatureScaling` (Guo et al., 2017): logits / T with one T fitted by NLL;
+  argmax is unchanged.
+* :class:`VectorScaling`: logits * w + b with per-class w, b [C] fitted by NLL.
+* :class:`IsotonicRecalibration`: isotonic regression (scikit-learn) of top-label
+  correctness on confidence for classifiers; of observed frequency on the predictive
+  CDF for regressors (Kuleshov et al., 2018), giving a
+  :class:`~bayesify.calibration.RecalibratedPredictive`.
+* :class:`VarianceScaling`: one factor s on the predictive standard deviation, fitted by
+  NLL (closed form for Gaussians), for Gaussian and mixture predictives.
+
+Raw inputs: the scaling classes read a raw classification tensor as **logits** ([N, C],
+[S, N, C] per-sample, or [N] binary logits of class 1); :class:`IsotonicRecalibration`
+reads it as **probabilities** ([N, C], or [N] probabilities of class 1). Regression
+recalibrators take a ``(mean, variance)`` pair as Gaussians. Fitting runs in float64;
+outputs keep the input's dtype and device.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import torch
+
+from bayesify._validation import (
+    as_tensor,
+    check_labels,
+    check_positive_int,
+    check_probabilities,
+    check_same_length,
+)
+from bayesify.calibration._recalibrated import RecalibratedPredictive
+from bayesify.errors import InputError, NotFittedError
+from bayesify.predictive import (
+    CategoricalPredictive,
+    GaussianPredictive,
+    MixturePredictive,
+    Predictive,
+    RegressionPredictive,
+)
+
+__all__ = [
+    "IsotonicRecalibration",
+    "TemperatureScaling",
+    "VarianceScaling",
+    "VectorScaling",
+    "redistribute_top_label",
+    "scale_logits",
+    "scale_predictive",
+]
+
+_LBFGS_ITERATIONS = 100
+
+
+# --------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------
+
+
+def _float(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_floating_point() else tensor.to(torch.get_default_dtype())
+
+
+def _log_probs(value: Any, name: str) -> torch.Tensor:
+    """Normalized log-probabilities [N, C] or per-sample [S, N, C] from a predictive or logits."""
+    if isinstance(value, CategoricalPredictive):
+        probs = value.probs if value.sample_probs is None else value.sample_probs
+        return torch.log_softmax(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), dim=-1)
+    if isinstance(value, Predictive):
+        raise InputError(f"`{name}` must be a CategoricalPredictive or logits, "
+                         f"got a {type(value).__name__}")
+    logits = _float(as_tensor(value, name, ndim=(1, 2, 3)))
+    if logits.dim() == 1:  # binary: the logit of class 1 against a zero logit for class 0
+        logits = torch.stack([torch.zeros_like(logits), logits], dim=-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _probabilities(value: Any, name: str) -> CategoricalPredictive:
+    """A CategoricalPredictive from a predictive, probabilities [N, C] or binary [N]."""
+    if isinstance(value, CategoricalPredictive):
+        return value
+    if isinstance(value, Predictive):
+        raise InputError(f"`{name}` must be a CategoricalPredictive or probabilities, "
+                         f"got a {type(value).__name__}")
+    probs = _float(as_tensor(value, name, ndim=(1, 2)))
+    if probs.dim() == 1:  # binary: probabilities of class 1
+        probs = torch.stack([1 - probs, probs], dim=-1)
+    check_probabilities(probs, name)
+    return CategoricalPredictive(probs)
+
+
+def _regression(value: Any, name: str) -> RegressionPredictive:
+    """A regression predictive from a predictive or a ``(mean, variance)`` pair."""
+    if isinstance(value, RegressionPredictive):
+        return value
+    if isinstance(value, Predictive):
+        raise InputError(f"`{name}` must be a regression predictive or a (mean, variance) "
+                         f"pair, got a {type(value).__name__}")
+    if isinstance(value, tuple | list) and len(value) == 2:
+        mean = _float(as_tensor(value[0], f"{name}[0] (mean)", ndim=(1, 2)))
+        return GaussianPredictive(mean, as_tensor(value[1], f"{name}[1] (variance)",
+                                                  dtype=mean.dtype, device=mean.device))
+    raise InputError(f"`{name}` must be a GaussianPredictive, a MixturePredictive or a "
+                     f"(mean, variance) pair, got {type(value).__name__}")
+
+
+def _labels(y: Any, num_points: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    labels = as_tensor(y, "y", device=device)
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 1:
+        raise InputError(f"`y` must have shape [N] (one class index per row), "
+                         f"got {list(labels.shape)}")
+    check_same_length(pred=torch.empty(num_points, 0), y=labels)
+    return check_labels(labels, "y", num_classes)
+
+
+# --------------------------------------------------------------------------------------
+# Math (pure functions)
+# --------------------------------------------------------------------------------------
+
+
+def scale_logits(log_probs: torch.Tensor, weight: torch.Tensor | float,
+                 bias: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Log-softmax of ``log_probs * weight + bias`` over the class axis (last).
+
+    Temperature scaling is ``weight = 1 / T``; vector scaling uses ``weight``, ``bias`` [C].
+    """
+    return torch.log_softmax(log_probs * weight + bias, dim=-1)
+
+
+def categorical_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of labels [N] under log-probs [N, C], or under the average of samples [S, N, C]."""
+    if log_probs.dim() == 2:
+        return -log_probs.gather(1, labels[:, None]).mean()
+    picked = log_probs.gather(2, labels.expand(log_probs.shape[0], -1)[..., None])[..., 0]
+    log_num = torch.log(torch.tensor(float(log_probs.shape[0]), dtype=log_probs.dtype))
+    return -(torch.logsumexp(picked, dim=0) - log_num).mean()
+
+
+def redistribute_top_label(probs: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """Set each row's top probability to ``confidence`` [N], rescaling the others.
+
+    The remaining mass 1 - confidence goes to the other classes in proportion to their
+    current probabilities (uniformly when they are all zero), so rows sum to one. The new
+    confidence is raised where needed so the top class stays the (first) argmax.
+
+    Args:
+        probs: class probabilities [N, C], C >= 2.
+        confidence: new top-label probabilities [N] in [0, 1].
+
+    Returns:
+        Probabilities [N, C].
+    """
+    top = probs.argmax(-1, keepdim=True)
+    others = probs.scatter(1, top, 0.0)
+    mass = others.sum(-1, keepdim=True)
+    uniform = torch.ones_like(probs).scatter(1, top, 0.0) / (probs.shape[1] - 1)
+    share = torch.where(mass > 0, others / mass.clamp_min(torch.finfo(probs.dtype).tiny),
+                        uniform)
+    # The top stays largest iff conf >= w_max (1 - conf), i.e. conf >= w_max / (1 + w_max).
+    # A relative margin of a few ulps keeps the top strictly ahead after rounding.
+    w_max = share.max(-1).values
+    bound = (w_max / (1 + w_max) * (1 + 16 * torch.finfo(probs.dtype).eps)).clamp_max(1)
+    confidence = torch.maximum(confidence.to(probs.dtype), bound)
+    return (share * (1 - confidence)[:, None]).scatter(1, top, confidence[:, None])
+
+
+def gaussian_std_scale(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor) -> float:
+    """Maximum-likelihood factor s on the std of N(mean, variance): sqrt(mean(r^2 / var))."""
+    var = variance.clamp_min(torch.finfo(variance.dtype).tiny)
+    return float(((y - mean) ** 2 / var).mean().sqrt())
+
+
+def scale_predictive(pred: RegressionPredictive, scale: float) -> RegressionPredictive:
+    """The predictive of mean + scale * (Y - mean): same type, std times ``scale``.
+
+    A mixture's component means spread out about the mixture mean by ``scale`` and its
+    component variances grow by ``scale**2``, so the shape of the mixture is kept and
+    its aleatoric/epistemic split scales by ``scale**2`` alike.
+    """
+    if isinstance(pred, GaussianPredictive):
+        aleatoric = pred._aleatoric_variance
+        return GaussianPredictive(pred.mean, pred.variance * scale ** 2,
+                                  None if aleatoric is None else aleatoric * scale ** 2)
+    if isinstance(pred, MixturePredictive):
+        center = pred.mean
+        return MixturePredictive(center + scale * (pred.means - center),
+                                 pred.variances * scale ** 2, pred.weights)
+    raise InputError(f"`pred` must be a GaussianPredictive or MixturePredictive, "
+                     f"got {type(pred).__name__}")
+
+
+def _scaled_nll(pred: RegressionPredictive, y: torch.Tensor,
+                log_scale: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of y under mean + s (Y - mean), s = exp(log_scale), by change of variables."""
+    center = pred.mean
+    unscaled = center + (y - center) * torch.exp(-log_scale)
+    return -(pred.log_prob(unscaled).mean() - pred.num_outputs * log_scale)
+
+
+def _minimize(params: list[torch.Tensor], objective: Any) -> None:
+    """Minimize ``objective()`` over ``params`` with strong-Wolfe L-BFGS."""
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=_LBFGS_ITERATIONS,
+                                  tolerance_grad=1e-10, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+
+
+# --------------------------------------------------------------------------------------
+# Recalibrators
+# --------------------------------------------------------------------------------------
+
+
+class _Recalibrator:
+    """Shared fit-state handling."""
+
+    _fitted = False
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has been called."""
+        return self._fitted
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted; call "
+                                 "`.fit(pred, y)` on held-out data before `.transform(pred)`")
+
+
+class _LogitScaling(_Recalibrator, abc.ABC):
+    """logits -> logits * weight + bias, fitted by NLL; subclasses choose the parameters."""
+
+    @abc.abstractmethod
+    def _initial(self, num_classes: int) -> list[torch.Tensor]:
+        """Initial float64 parameters (the identity map)."""
+
+    @abc.abstractmethod
+    def _affine(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the logit map from the parameters."""
+
+    def fit(self, pred: Any, y: Any) -> _LogitScaling:
+        """Fit on held-out predictions.
+
+        Args:
+            pred: a CategoricalPredictive, or logits [N, C] / [S, N, C] / binary [N].
+            y: true class indices [N].
+
+        Returns:
+            ``self``.
+        """
+        log_probs = _log_probs(pred, "pred").detach().double()
+        labels = _labels(y, log_probs.shape[-2], log_probs.shape[-1], log_probs.device)
+        params = [p.to(log_probs.device).requires_grad_() for p in
+                  self._initial(log_probs.shape[-1])]
+
+        def objective() -> torch.Tensor:
+            weight, bias = self._affine(params)
+            return categorical_nll(scale_logits(log_probs, weight, bias), labels)
+
+        _minimize(params, objective)
+        self._params = [p.detach() for p in params]
+        self._num_classes = log_probs.shape[-1]
+        self._fitted = True
+        return self
+
+    def transform(self, pred: Any) -> CategoricalPredictive:
+        """Rescale the logits of ``pred`` (each sample's, when it has ``sample_probs``).
+
+        Args:
+            pred: a CategoricalPredictive, or logits [N, C] / [S, N, C] / binary [N].
+
+        Returns:
+            A CategoricalPredictive in the input's dtype; it keeps per-sample
+            probabilities (each sample rescaled) when the input had them.
+        """
+        self._check_fitted()
+        log_probs = _log_probs(pred, "pred")
+        if log_probs.shape[-1] != self._num_classes:
+            raise InputError(f"`pred` has {log_probs.shape[-1]} classes but the scaling was "
+                             f"fitted on {self._num_classes}")
+        weight, bias = (p.to(log_probs) for p in self._affine(self._params))
+        scaled = scale_logits(log_probs, weight, bias)
+        if scaled.dim() == 3:
+            return CategoricalPredictive.from_logits(sample_logits=scaled)
+        return CategoricalPredictive.from_logits(logits=scaled)
+
+
+class TemperatureScaling(_LogitScaling):
+    """Temperature scaling (Guo et al., 2017): probabilities softmax(logits / T).
+
+    One temperature T > 0 is fitted by minimizing the NLL of held-out labels with L-BFGS
+    on log T. Dividing all logits by one positive number keeps their order, so the
+    predicted class never changes. For a predictive with per-sample probabilities
+    (MC dropout, ensembles, VI) each sample's log-probabilities are divided by T and the
+    samples are averaged again, which keeps the epistemic/aleatoric split meaningful;
+    the argmax of that average can then move (rarely).
+
+    Example:
+        >>> ts = TemperatureScaling().fit(model.predict(x_val), y_val)
+        >>> calibrated = ts.transform(model.predict(x_test))
+    """
+
+    def _initial(self, num_classes: int) -> list[torch.Tensor]:
+        return [torch.zeros((), dtype=torch.float64)]
+
+    def _affine(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.exp(-params[0]), torch.zeros_like(params[0])
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature T (> 1 softens overconfident predictions)."""
+        self._check_fitted()
+        return float(torch.exp(self._params[0]))
+
+
+class VectorScaling(_LogitScaling):
+    """Vector scaling (Guo et al., 2017): softmax(logits * w + b) with w, b [C] by NLL.
+
+    More flexible than one temperature, so it can also fix class-dependent bias, but it
+    may change the predicted class and needs more held-out data (2C parameters).
+    """
+
+    def _initial(self, num_classes: int) -> list[torch.Tensor]:
+        return [torch.ones(num_classes, dtype=torch.float64),
+                torch.zeros(num_classes, dtype=torch.float64)]
+
+    def _affine(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return params[0], params[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Per-class logit multipliers w [C] (float64)."""
+        self._check_fitted()
+        return self._params[0]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """Per-class logit offsets b [C] (float64)."""
+        self._check_fitted()
+        return self._params[1]
+
+
+class VarianceScaling(_Recalibrator):
+    """One factor s on the predictive standard deviation, fitted by NLL.
+
+    For a GaussianPredictive s has the closed form sqrt(mean((y - mean)^2 / variance));
+    for a MixturePredictive the whole mixture is stretched about its mean
+    (mean + s (Y - mean)) and s is fitted by L-BFGS on log s. The mean never changes.
+    Multi-output predictives share one s.
+    """
+
+    def fit(self, pred: Any, y: Any) -> VarianceScaling:
+        """Fit on held-out predictions.
+
+        Args:
+            pred: a GaussianPredictive, MixturePredictive or (mean, variance) pair, [N] or
+                [N, D].
+            y: targets, shape of the mean.
+
+        Returns:
+            ``self``.
+        """
+        pred = _regression(pred, "pred")
+        if not isinstance(pred, GaussianPredictive | MixturePredictive):
+            raise InputError("`pred` must be a GaussianPredictive or MixturePredictive, "
+                             f"got {type(pred).__name__}")
+        pred = pred.to(dtype=torch.float64)
+        target = pred._target(y).detach()
+        scale = gaussian_std_scale(pred.mean, pred.variance, target)
+        if isinstance(pred, MixturePredictive):
+            log_scale = torch.tensor(np.log(max(scale, 1e-12)), dtype=torch.float64,
+                                     device=target.device).requires_grad_()
+            _minimize([log_scale], lambda: _scaled_nll(pred, target, log_scale))
+            scale = float(torch.exp(log_scale.detach()))
+        self._scale = scale
+        self._fitted = True
+        return self
+
+    @property
+    def scale(self) -> float:
+        """The fitted factor s on the standard deviation (> 1 widens the predictive)."""
+        self._check_fitted()
+        return self._scale
+
+    def transform(self, pred: Any) -> RegressionPredictive:
+        """The predictive with its spread about the mean multiplied by ``scale``.
+
+        Args:
+            pred: a GaussianPredictive, MixturePredictive or (mean, variance) pair.
+
+        Returns:
+            The same predictive type, in the input's dtype.
+        """
+        self._check_fitted()
+        return scale_predictive(_regression(pred, "pred"), self._scale)
+
+
+class IsotonicRecalibration(_Recalibrator):
+    """Isotonic-regression recalibration for classifiers and regressors.
+
+    * Classification: scikit-learn's isotonic regression of top-label correctness on
+      top-label confidence. The transformed predictive has that recalibrated confidence
+      for its top class, and the remaining mass spread over the other classes in
+      proportion to their probabilities, so rows sum to one and the argmax is kept.
+      Per-sample probabilities are dropped (the map is fitted on the average).
+    * Regression (Kuleshov et al., 2018): isotonic regression of the observed frequency
+      P(F(Y) <= u) on the predicted CDF value u = F(y). The transformed predictive is a
+      :class:`~bayesify.calibration.RecalibratedPredictive` with CDF R(F(y)); its
+      ``quantile``/``interval``/``cdf``/``log_prob``/``mean``/``variance`` all follow
+      exactly from the piecewise-linear R.
+
+    Args:
+        max_knots: most knots kept in the regression map R (taken evenly from the
+            fitted map, so its resolution is about 1 / max_knots in probability). More
+            knots cost time when computing mean and variance of mixture predictives.
+    """
+
+    def __init__(self, max_knots: int = 256):
+        self.max_knots = check_positive_int(max_knots, "max_knots", minimum=2)
+
+    def fit(self, pred: Any, y: Any) -> IsotonicRecalibration:
+        """Fit on held-out predictions.
+
+        Args:
+            pred: a CategoricalPredictive, probabilities [N, C] or binary [N]
+                (classification); or a Gaussian/Mixture predictive or (mean, variance)
+                pair (regression).
+            y: class indices [N], or regression targets of the mean's shape.
+
+        Returns:
+            ``self``.
+        """
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        if isinstance(pred, RegressionPredictive | tuple | list):
+            self.task = "regression"
+            reg = _regression(pred, "pred")
+            pit = reg.cdf(y).detach().double().reshape(-1).cpu()
+            self._knots = _cdf_map(iso, pit, self.max_knots)
+        else:
+            self.task = "classification"
+            cat = _probabilities(pred, "pred")
+            labels = _labels(y, cat.num_points, cat.num_classes, cat.probs.device)
+            correct = (cat.labels == labels).double().cpu().numpy()
+            iso.fit(cat.confidence.detach().double().cpu().numpy(), correct)
+            self._iso = iso
+        self._fitted = True
+        return self
+
+    def transform(self, pred: Any) -> Predictive:
+        """Recalibrate a predictive of the task the map was fitted on.
+
+        Args:
+            pred: as for :meth:`fit`.
+
+        Returns:
+            A CategoricalPredictive, or a RecalibratedPredictive for regression.
+        """
+        self._check_fitted()
+        regression = isinstance(pred, RegressionPredictive | tuple | list)
+        if regression != (self.task == "regression"):
+            raise InputError(f"`pred` must be a {self.task} predictive: the map was fitted "
+                             f"on {self.task}")
+        if regression:
+            return RecalibratedPredictive(_regression(pred, "pred"), *self._knots)
+        cat = _probabilities(pred, "pred")
+        confidence = self._iso.predict(cat.confidence.detach().double().cpu().numpy())
+        confidence = torch.as_tensor(confidence, device=cat.probs.device)
+        return CategoricalPredictive(redistribute_top_label(cat.probs, confidence))
+
+
+def _cdf_map(iso: Any, pit: torch.Tensor,
+             max_knots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knots (u [K], p [K]) of the isotonic map from PIT values to observed frequencies."""
+    n = pit.shape[0]
+    pit = pit.clamp(0, 1)
+    # Kuleshov et al.: the target of u_i is the fraction of calibration PITs <= u_i.
+    target = torch.searchsorted(torch.sort(pit).values, pit, right=True).double() / n
+    x = torch.cat([pit.new_zeros(1), pit, pit.new_ones(1)]).numpy()
+    t = torch.cat([target.new_zeros(1), target, target.new_ones(1)]).numpy()
+    iso.fit(x, t)
+    u = torch.as_tensor(iso.X_thresholds_, dtype=torch.float64)
+    p = torch.as_tensor(iso.y_thresholds_, dtype=torch.float64)
+    if u.shape[0] > max_knots:
+        keep = torch.unique(torch.linspace(0, u.shape[0] - 1, max_knots).round().long())
+        u, p = u[keep], p[keep]
+    # The ends are (0, 0) and (1, 1) already (targets rise with u); pin them exactly.
+    p = p.clone()
+    p[0], p[-1] = 0.0, 1.0
+    return u, p

@@ -299,3 +299,19 @@ def test_fitted_temperature_is_nan_free_under_extreme_logits():
     logits, labels = _classifier(500, seed=8, sharpen=200.0)
     ts = TemperatureScaling().fit(logits, labels)
     assert math.isfinite(ts.temperature) and ts.temperature > 20
+
+
+def test_recalibrated_mixture_moves_and_concatenates():
+    means = torch.tensor([[0.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    base = MixturePredictive(means, torch.ones(2, 2, dtype=torch.float64),
+                             torch.tensor([0.25, 0.75], dtype=torch.float64))
+    knots = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    rp = RecalibratedPredictive(base, knots, torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64))
+    moved = rp.to(dtype=torch.float32)
+    assert moved.base.weights.dtype == torch.float32
+    torch.testing.assert_close(moved.cdf(torch.ones(2)), rp.cdf(torch.ones(2)).float())
+    joined = RecalibratedPredictive.cat([rp[:1], rp[1:]])
+    torch.testing.assert_close(joined.quantile(0.3), rp.quantile(0.3))
+    other = RecalibratedPredictive(base, knots, knots)
+    with pytest.raises(InputError, match="same recalibration map"):
+        RecalibratedPredictive.cat([rp, other])

@@ -208,7 +208,16 @@ class RecalibratedPredictive(RegressionPredictive):
                     and torch.equal(item.knots_p, items[0].knots_p)):
                 raise InputError("`items` must be RecalibratedPredictives with the same "
                                  "recalibration map")
-        return super().cat(items)
+        out = super().cat(items)
+        out._base = type(items[0].base).cat([item.base for item in items])  # its own checks
+        return out
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> RecalibratedPredictive:
+        """Move every tensor to ``device`` and/or floating ``dtype`` (the map stays float64)."""
+        new = super().to(device, dtype)
+        new._base = self._base.to(device, dtype)  # the base's own rules (mixture weights)
+        return new
 
     @property
     def base(self) -> RegressionPredictive:

@@ -5,6 +5,15 @@
 >>> print(calibration.evaluate(pred, y_test))                 # every metric that fits
 """
 
+from bayesify.calibration._recalibrated import RecalibratedPredictive
+from bayesify.calibration.conformal import (
+    ConformalClassifier,
+    SplitConformalRegressor,
+    conformal_quantile,
+    conformal_rank,
+    mean_set_size,
+    set_coverage,
+)
 from bayesify.calibration.evaluate import EvaluationReport, evaluate
 from bayesify.calibration.metrics import (
     CalibrationBins,
@@ -20,6 +29,18 @@ from bayesify.calibration.metrics import (
     negative_log_likelihood,
     regression_calibration_error,
     rmse,
+)
+from bayesify.calibration.plots import (
+    calibration_curve_plot,
+    interval_plot,
+    observed_coverage,
+    reliability_diagram,
+)
+from bayesify.calibration.recalibration import (
+    IsotonicRecalibration,
+    TemperatureScaling,
+    VarianceScaling,
+    VectorScaling,
 )
 
 __all__ = [
@@ -38,4 +59,20 @@ __all__ = [
     "negative_log_likelihood",
     "regression_calibration_error",
     "rmse",
+    # recalibration, conformal prediction, plots
+    "ConformalClassifier",
+    "IsotonicRecalibration",
+    "RecalibratedPredictive",
+    "SplitConformalRegressor",
+    "TemperatureScaling",
+    "VarianceScaling",
+    "VectorScaling",
+    "calibration_curve_plot",
+    "conformal_quantile",
+    "conformal_rank",
+    "interval_plot",
+    "mean_set_size",
+    "observed_coverage",
+    "reliability_diagram",
+    "set_coverage",
 ]

@@ -32,6 +32,7 @@ from bayesify._batching import make_train_batches, to_inputs
 from bayesify._validation import (
     as_tensor,
     check_choice,
+    check_labels,
     check_positive_float,
     check_positive_int,
 )
@@ -296,7 +297,12 @@ class VBLLModel(BayesianModel):
             targets.append(y)
         if not features:
             raise InputError("`train` is empty; pass at least one training example")
-        return torch.cat(features), torch.cat(targets)
+        targets = torch.cat(targets)
+        if self.kind == "regression":
+            regression_targets(targets, self.vbll.out_features)
+        else:
+            check_labels(targets, "y", self.vbll.out_features)
+        return torch.cat(features), targets
 
     def on_fit_start(self, batches: Any) -> None:
         self._set_regularization()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from bayesify import CategoricalPredictive, GaussianPredictive, InputError, MixturePredictive, ood
+from bayesify.ood import metrics as ood_metrics
 
 PROPERTY = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -64,6 +65,17 @@ def test_extreme_cases():
     assert result["aupr_out"] == pytest.approx(0.3) and result["aupr_in"] == pytest.approx(0.7)
     perfect = ood.evaluate(torch.tensor([-1e9, 0.0]), torch.tensor([1e9, 1.0, 5.0]))
     assert perfect == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0}
+
+
+def test_torch_sort_path_equals_numpy_sort_path(monkeypatch):
+    rng = np.random.default_rng(3)
+    s_in = torch.tensor(np.round(rng.normal(0, 1, 400), 1), requires_grad=True)
+    s_out = torch.tensor(np.round(rng.normal(1, 1, 250), 1))
+    fast = ood.evaluate(s_in, s_out)  # numpy sorts on CPU
+    monkeypatch.setattr(ood_metrics, "_CPU_SORT_WITH_NUMPY", False)
+    assert ood.evaluate(s_in, s_out) == fast
+    assert fast == pytest.approx(sklearn_reference(s_in.detach().numpy(), s_out.numpy()),
+                                 abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def _probs_and_labels(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tens
         raise InputError(f"`probs` must be a CategoricalPredictive or probabilities [N, C], "
                          f"got a {type(probs).__name__}; use the regression metrics for it")
     else:
-        p = as_tensor(probs, "probs", ndim=2)
-        check_probabilities(p, "probs")
+        p = as_tensor(probs, "probs", ndim=2, finite=False)
+        check_probabilities(p, "probs")  # includes the NaN/inf check
     y = as_tensor(labels, "labels", device=p.device)
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -103,7 +103,8 @@ def _top_label(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _uniform_bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
-    return torch.floor(confidence * n_bins).clamp_(0, n_bins - 1).long()
+    # Truncation is floor here (confidence >= 0), and cheaper than floor + cast.
+    return (confidence * n_bins).long().clamp_(max=n_bins - 1)
 
 
 def _quantile_bin_index(confidence: torch.Tensor, correct: torch.Tensor,

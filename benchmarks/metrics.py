@@ -54,23 +54,32 @@ def make_data(n: int, num_classes: int, device: torch.device, seed: int):
     return probs, labels.to(device), scores, is_out.to(device)
 
 
+def torchmetrics_call(name: str, preds: torch.Tensor, target: torch.Tensor,
+                      **options) -> Callable[[], float] | None:
+    """A fresh update/compute of torchmetrics.classification.<name>, or None if missing."""
+    try:
+        import torchmetrics.classification as tm
+    except ImportError:
+        return None
+    metric = getattr(tm, name)(**options).to(preds.device)
+
+    def run() -> float:
+        metric.reset()
+        metric.update(preds, target)
+        return float(metric.compute())
+
+    return run
+
+
 def ece_functions(probs, labels, num_classes):
     fns = {"bayesify": lambda: calibration.expected_calibration_error(probs, labels, 15)}
     missing = {"scikit-learn": "no ECE in scikit-learn"}
-    try:
-        from torchmetrics.classification import MulticlassCalibrationError
-    except ImportError:
+    baseline = torchmetrics_call("MulticlassCalibrationError", probs, labels,
+                                 num_classes=num_classes, n_bins=15, norm="l1")
+    if baseline is None:
         missing["torchmetrics"] = "not installed"
-        return fns, missing
-    metric = MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1")
-    metric = metric.to(probs.device)
-
-    def torchmetrics_ece() -> float:
-        metric.reset()
-        metric.update(probs, labels)
-        return float(metric.compute())
-
-    fns["torchmetrics"] = torchmetrics_ece
+    else:
+        fns["torchmetrics"] = baseline
     return fns, missing
 
 
@@ -85,20 +94,11 @@ def auroc_functions(scores, is_out):
     else:
         y_np, s_np = is_out.cpu().numpy().astype(np.int64), scores.cpu().numpy()
         fns["scikit-learn"] = lambda: roc_auc_score(y_np, s_np)
-    try:
-        from torchmetrics.classification import BinaryAUROC
-    except ImportError:
+    baseline = torchmetrics_call("BinaryAUROC", scores, is_out.long())
+    if baseline is None:
         missing["torchmetrics"] = "not installed"
-        return fns, missing
-    metric = BinaryAUROC().to(scores.device)
-    target = is_out.long()
-
-    def torchmetrics_auroc() -> float:
-        metric.reset()
-        metric.update(scores, target)
-        return float(metric.compute())
-
-    fns["torchmetrics"] = torchmetrics_auroc
+    else:
+        fns["torchmetrics"] = baseline
     return fns, missing
 
 

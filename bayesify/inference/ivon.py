@@ -279,6 +279,7 @@ class IVON(torch.optim.Optimizer):
                             torch._foreach_div_(eps, root)
                             torch._foreach_add_(params, _as(eps, params[0].dtype),
                                                 alpha=scale)
+                        del eps, root   # only the means stay alive during the body
             yield
             completed = True
         finally:

@@ -119,6 +119,36 @@ def test_sample_crps_approaches_gaussian_closed_form():
     assert cal.crps(samples, y) == pytest.approx(exact, abs=0.02)
 
 
+@DTYPES
+def test_quadrature_crps_matches_closed_forms(dtype):
+    mix = random_mixture(dtype, s=4, n=20, seed=13)
+    y = (mix.mean.double() + 3 * torch.randn(20, dtype=torch.float64)).to(dtype)
+    for pred in (mix, GaussianPredictive(mix.mean, mix.variance)):
+        pred64, y64 = pred.to(dtype=torch.float64), y.double()
+        quad = regression_metrics.crps_quadrature(pred64, y64)
+        exact = cal.crps(pred, y)
+        assert float(quad.mean()) == pytest.approx(exact, abs=1e-7)
+
+
+def test_crps_of_a_recalibrated_predictive_integrates_its_cdf():
+    base = GaussianPredictive(torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64),
+                              torch.tensor([1.0, 0.25, 4.0], dtype=torch.float64))
+    # CDF R(F(y)) with R through (0.3, 0.5): no longer Gaussian, so the closed form is wrong.
+    pred = cal.RecalibratedPredictive(base, torch.tensor([0.0, 0.3, 1.0]),
+                                      torch.tensor([0.0, 0.5, 1.0]))
+    y = torch.tensor([0.5, 3.0, -2.0], dtype=torch.float64)
+    refs = []
+    for i, target in enumerate(y.tolist()):
+        def cdf(x, i=i):
+            full = base.mean.clone()
+            full[i] = x
+            return float(pred.cdf(full)[i])
+        refs.append(integrated_crps(cdf, target, -30.0, 30.0))
+    assert cal.crps(pred, y) == pytest.approx(np.mean(refs), abs=1e-6)
+    assert abs(cal.crps(pred, y) - cal.crps(base, y)) > 1e-3
+    assert cal.evaluate(pred, y)["crps"] == pytest.approx(np.mean(refs), abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # NLL, RMSE, calibration error, intervals
 # --------------------------------------------------------------------------------------
@@ -235,7 +265,8 @@ GAUSS = GaussianPredictive(torch.zeros(3), torch.ones(3))
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: cal.crps(GAUSS, torch.zeros(4)), r"`y` must have shape \[3\], got \[4\]"),
+    (lambda: cal.crps(GAUSS, torch.zeros(4)),
+     r"`y` must have shape \[3\] to match the predictive, got \[4\]"),
     (lambda: cal.crps(torch.zeros(5), torch.zeros(5)), "`pred` must have 2 or 3 dimension"),
     (lambda: cal.crps(CategoricalPredictive(torch.ones(3, 2) / 2), torch.zeros(3)),
      "`pred` must be a regression predictive, got a CategoricalPredictive"),

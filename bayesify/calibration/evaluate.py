@@ -101,7 +101,7 @@ def _classification(pred: CategoricalPredictive, y: Any, n_bins: int) -> dict[st
 
 def _regression(pred: RegressionPredictive, y: Any, level: float) -> dict[str, float]:
     pred = reg_metrics._as_regression(pred)
-    target = reg_metrics._match(y, pred.mean, "y")
+    target = pred._target(y, "y")
     lower, upper = pred.interval(level)
     return {
         "rmse": reg_metrics.rmse(pred, target),

@@ -175,6 +175,22 @@ def test_isotonic_regression_recalibration_on_held_out_data(dtype):
     assert regression_nll(out, y[test]) < regression_nll(biased[test], y[test])
 
 
+@pytest.mark.parametrize("prescale", [True, False])
+def test_isotonic_fixes_a_predictive_five_times_too_narrow(prescale):
+    # Without the stretch, ~5% of targets lie where the CDF rounds to 1 in float64, so the
+    # upper tail cannot be recalibrated: that is why prescale defaults to True.
+    pred, y = _regression(4000, 5, torch.float64, std_scale=0.2)
+    iso = IsotonicRecalibration(prescale=prescale).fit(pred[:2000], y[:2000])
+    out = iso.transform(pred[2000:])
+    lower, upper = out.interval(0.95)
+    coverage = float(((lower <= y[2000:]) & (y[2000:] <= upper)).double().mean())
+    if prescale:
+        assert regression_calibration_error(out, y[2000:]) < 0.02
+        assert 0.93 < coverage < 0.97
+    else:
+        assert coverage < 0.93
+
+
 def test_isotonic_mixture_recalibration_and_consistency(dtype):
     base, y = _regression(800, 3, torch.float64)
     g = torch.Generator().manual_seed(6)

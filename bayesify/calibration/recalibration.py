@@ -429,10 +429,23 @@ class IsotonicRecalibration(_Recalibrator):
         max_knots: most knots kept in the regression map R (taken evenly from the
             fitted map, so its resolution is about 1 / max_knots in probability). More
             knots cost time when computing mean and variance of mixture predictives.
+        prescale: for regression, first stretch the predictive by the NLL-optimal factor
+            of :class:`VarianceScaling`, then fit R on the stretched predictive's CDF.
+            R alone can fix any monotone miscalibration in exact arithmetic, but a
+            predictive many times too narrow puts targets where its CDF rounds to 1 in
+            float64 (beyond 8.2 standard deviations), and no map of those values can
+            recover the upper tail; the stretch keeps the CDF values resolvable.
     """
 
-    def __init__(self, max_knots: int = 256):
+    def __init__(self, max_knots: int = 256, prescale: bool = True):
         self.max_knots = check_positive_int(max_knots, "max_knots", minimum=2)
+        self.prescale = bool(prescale)
+        self._scale: float | None = None
+
+    def _stretch(self, pred: RegressionPredictive) -> RegressionPredictive:
+        if self._scale is None or not isinstance(pred, GaussianPredictive | MixturePredictive):
+            return pred
+        return scale_predictive(pred, self._scale)
 
     def fit(self, pred: Any, y: Any) -> IsotonicRecalibration:
         """Fit on held-out predictions.
@@ -452,7 +465,10 @@ class IsotonicRecalibration(_Recalibrator):
         if isinstance(pred, RegressionPredictive | tuple | list):
             self.task = "regression"
             reg = _regression(pred, "pred")
-            pit = reg.cdf(y).detach().double().reshape(-1).cpu()
+            self._scale = None
+            if self.prescale and isinstance(reg, GaussianPredictive | MixturePredictive):
+                self._scale = VarianceScaling().fit(reg, y).scale
+            pit = self._stretch(reg).cdf(y).detach().double().reshape(-1).cpu()
             self._knots = _cdf_map(iso, pit, self.max_knots)
         else:
             self.task = "classification"
@@ -471,7 +487,8 @@ class IsotonicRecalibration(_Recalibrator):
             pred: as for :meth:`fit`.
 
         Returns:
-            A CategoricalPredictive, or a RecalibratedPredictive for regression.
+            A CategoricalPredictive, or for regression a RecalibratedPredictive whose
+            ``base`` is the (prescaled) input.
         """
         self._check_fitted()
         regression = isinstance(pred, RegressionPredictive | tuple | list)
@@ -479,7 +496,8 @@ class IsotonicRecalibration(_Recalibrator):
             raise InputError(f"`pred` must be a {self.task} predictive: the map was fitted "
                              f"on {self.task}")
         if regression:
-            return RecalibratedPredictive(_regression(pred, "pred"), *self._knots)
+            return RecalibratedPredictive(self._stretch(_regression(pred, "pred")),
+                                          *self._knots)
         cat = _probabilities(pred, "pred")
         confidence = self._iso.predict(cat.confidence.detach().double().cpu().numpy())
         confidence = torch.as_tensor(confidence, device=cat.probs.device)

@@ -123,9 +123,11 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
 
     @classmethod
     def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        return {"options": {"init_std": 1e-2 if task == "classification" else 0.05},
-                "fit": {"epochs": 30 if task == "classification" else 300,
-                        "lr": 1e-2, "batch_size": 128}}
+        if task == "classification":
+            return {"options": {"init_std": 1e-2},
+                    "fit": {"epochs": 10, "lr": 1e-2, "batch_size": 128}}
+        return {"options": {"init_std": 0.05},
+                "fit": {"epochs": 150, "lr": 0.03, "batch_size": 512}}
 
     # ------------------------------------------------------------------ the model
 

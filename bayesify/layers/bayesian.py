@@ -137,6 +137,13 @@ class MeanFieldLayer(nn.Module, metaclass=abc.ABCMeta):
         return int(self.mask.sum())
 
     @torch.no_grad()
+    def _copy_means(self, module: nn.Module) -> MeanFieldLayer:
+        self.weight_mu.copy_(module.weight)
+        if module.bias is not None:
+            self.bias_mu.copy_(module.bias)
+        return self
+
+    @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero ``mu`` and ``rho`` of inactive weights (after an optimizer step)."""
         self.weight_mu.mul_(self.mask)
@@ -244,11 +251,7 @@ class BayesianLinear(MeanFieldLayer):
         layer = cls(module.in_features, module.out_features, module.bias is not None,
                     prior_std=prior_std, init_std=init_std, device=module.weight.device,
                     dtype=module.weight.dtype)
-        with torch.no_grad():
-            layer.weight_mu.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias_mu.copy_(module.bias)
-        return layer
+        return layer._copy_means(module)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
@@ -301,11 +304,7 @@ class BayesianConv2d(MeanFieldLayer):
                     module.padding, module.dilation, module.groups, module.bias is not None,
                     module.padding_mode, prior_std=prior_std, init_std=init_std,
                     device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            layer.weight_mu.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias_mu.copy_(module.bias)
-        return layer
+        return layer._copy_means(module)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:

@@ -271,3 +271,14 @@ def test_predict_before_fit_raises_not_fitted():
         SplitConformalRegressor().predict_interval(torch.zeros(3))
     with pytest.raises(NotFittedError, match=r"call `.fit\(x_or_pred, y\)`"):
         ConformalClassifier().predict_set(torch.full((3, 2), 0.5))
+
+
+def test_conformal_follows_the_device(device):
+    pred, labels = _classification(200, 12, torch.float64)
+    pred, labels = pred.to(device=device), labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    cc = ConformalClassifier(score="aps", generator=generator).fit(pred[:100], labels[:100])
+    assert cc.predict_set(pred[100:]).device.type == device.type
+    reg = GaussianPredictive(torch.zeros(50, device=device), torch.ones(50, device=device))
+    cp = SplitConformalRegressor(score="cqr").fit(reg, torch.zeros(50, device=device))
+    assert cp.predict_interval(reg)[0].device.type == device.type

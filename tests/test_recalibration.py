@@ -331,3 +331,18 @@ def test_recalibrated_mixture_moves_and_concatenates():
     other = RecalibratedPredictive(base, knots, knots)
     with pytest.raises(InputError, match="same recalibration map"):
         RecalibratedPredictive.cat([rp, other])
+
+
+def test_recalibrators_follow_the_device(device):
+    logits, labels = _classifier(400, seed=9, sharpen=2.0)
+    logits, labels = logits.to(device), labels.to(device)
+    out = TemperatureScaling().fit(logits, labels).transform(logits)
+    assert out.probs.device.type == device.type
+    iso = IsotonicRecalibration().fit(torch.softmax(logits, -1), labels)
+    assert iso.transform(torch.softmax(logits, -1)).probs.device.type == device.type
+    pred, y = _regression(300, 10, torch.float64)
+    pred, y = pred.to(device=device), y.to(device)
+    rp = IsotonicRecalibration().fit(pred, y).transform(pred)
+    for value in (rp.mean, rp.interval(0.9)[0], rp.log_prob(y), rp.sample(3)):
+        assert value.device.type == device.type
+    assert VarianceScaling().fit(pred, y).transform(pred).mean.device.type == device.type

@@ -52,6 +52,8 @@ def test_conformal_rank_matches_brute_force_count():
     assert conformal_rank(5, 0.1) == 6  # > n: infinite
     assert conformal_rank(9, Fraction(1, 10)) == 9
     assert conformal_rank(9, np.float32(0.1)) == 9
+    assert conformal_rank(9, 1 - 0.9) == 9  # 0.09999999999999998 is meant as 0.1
+    assert conformal_rank(19, 1 - 0.95) == 19
 
 
 def test_float_formula_would_be_off_by_one_somewhere():

@@ -4,8 +4,9 @@ Given n held-out calibration scores s_1..s_n and a new exchangeable point, the k
 smallest score with k = ceil((n + 1)(1 - alpha)) bounds the new score with probability
 at least 1 - alpha (and at most 1 - alpha + 1 / (n + 1) without ties); when k > n no
 finite bound does, and the interval or set is everything. ``k`` is computed with exact
-rational arithmetic: a Python float ``alpha`` is read as the decimal it prints as
-(``0.1`` is 1/10), so (n + 1)(1 - alpha) landing on an integer never rounds up by one.
+rational arithmetic: a float ``alpha`` is read as its decimal value rounded to 12
+significant digits (``0.1`` and ``1 - 0.9`` are both 1/10), so (n + 1)(1 - alpha)
+landing on an integer never rounds up by one.
 
 Scores (regression): ``"absolute"`` |y - mean|; ``"normalized"`` |y - mean| / std
 (intervals adapt to each input's predictive spread); ``"cqr"`` (conformalized quantile
@@ -54,7 +55,7 @@ CLASSIFICATION_SCORES = ("lac", "aps")
 
 
 def _exact_alpha(alpha: Any) -> Fraction:
-    """``alpha`` as an exact fraction in (0, 1); floats are read as their shortest decimal."""
+    """``alpha`` as an exact fraction in (0, 1); floats are read to 12 significant digits."""
     if isinstance(alpha, torch.Tensor | np.ndarray):
         alpha = alpha.item()
     if isinstance(alpha, Fraction):
@@ -66,7 +67,8 @@ def _exact_alpha(alpha: Any) -> Fraction:
         value = Fraction(str(alpha))
     else:
         check_fraction(alpha, "alpha")
-        value = Fraction(repr(float(alpha)))
+        # 12 significant digits: 1 - 0.9 (= 0.09999999999999998) is read as 0.1.
+        value = Fraction(format(float(alpha), ".12g"))
     if not 0 < value < 1:
         raise InputError(f"`alpha` must lie in (0, 1), got {alpha!r}")
     return value

@@ -34,7 +34,6 @@ from bayesify._validation import (
     check_labels,
     check_positive_int,
     check_probabilities,
-    check_same_length,
 )
 from bayesify.calibration._recalibrated import RecalibratedPredictive
 from bayesify.errors import InputError, NotFittedError
@@ -118,7 +117,9 @@ def _labels(y: Any, num_points: int, num_classes: int, device: torch.device) -> 
     if labels.dim() != 1:
         raise InputError(f"`y` must have shape [N] (one class index per row), "
                          f"got {list(labels.shape)}")
-    check_same_length(pred=torch.empty(num_points, 0), y=labels)
+    if labels.shape[0] != num_points:
+        raise InputError(f"inputs must have the same number of rows: `pred` has {num_points}, "
+                         f"`y` has {labels.shape[0]}")
     return check_labels(labels, "y", num_classes)
 
 

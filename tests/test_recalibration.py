@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bayesify.calibration._recalibrated import RecalibratedPredictive, compose_maps, interp
+from bayesify.calibration.isotonic import IsotonicRecalibration, redistribute_top_label
 from bayesify.calibration.metrics import (
     classification_nll,
     expected_calibration_error,
@@ -15,11 +16,9 @@ from bayesify.calibration.metrics import (
     regression_nll,
 )
 from bayesify.calibration.recalibration import (
-    IsotonicRecalibration,
     TemperatureScaling,
     VarianceScaling,
     VectorScaling,
-    redistribute_top_label,
     scale_predictive,
 )
 from bayesify.errors import BayesifyError, InputError, NotFittedError

@@ -15,6 +15,7 @@ from bayesify.calibration.conformal import (
     set_coverage,
 )
 from bayesify.calibration.evaluate import EvaluationReport, evaluate
+from bayesify.calibration.isotonic import IsotonicRecalibration
 from bayesify.calibration.metrics import (
     CalibrationBins,
     accuracy,
@@ -37,7 +38,6 @@ from bayesify.calibration.plots import (
     reliability_diagram,
 )
 from bayesify.calibration.recalibration import (
-    IsotonicRecalibration,
     TemperatureScaling,
     VarianceScaling,
     VectorScaling,

@@ -155,6 +155,13 @@ def _calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: 
     return float((gap[nonempty] / counts[nonempty]).max())
 
 
+def _checked_calibration_error(probs: Any, labels: Any, n_bins: Any, strategy: str,
+                               reduction: str) -> float:
+    n_bins = check_positive_int(n_bins, "n_bins")
+    confidence, correct = _top_label(*_probs_and_labels(probs, labels))
+    return _calibration_error(confidence, correct, n_bins, strategy, reduction)
+
+
 # --------------------------------------------------------------------------------------
 # Public metrics
 # --------------------------------------------------------------------------------------
@@ -204,9 +211,7 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> flo
     Returns:
         ECE in [0, 1].
     """
-    n_bins = check_positive_int(n_bins, "n_bins")
-    confidence, correct = _top_label(*_probs_and_labels(probs, labels))
-    return _calibration_error(confidence, correct, n_bins, "uniform", "mean")
+    return _checked_calibration_error(probs, labels, n_bins, "uniform", "mean")
 
 
 def maximum_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> float:
@@ -220,9 +225,7 @@ def maximum_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> floa
     Returns:
         MCE in [0, 1]; always >= the ECE.
     """
-    n_bins = check_positive_int(n_bins, "n_bins")
-    confidence, correct = _top_label(*_probs_and_labels(probs, labels))
-    return _calibration_error(confidence, correct, n_bins, "uniform", "max")
+    return _checked_calibration_error(probs, labels, n_bins, "uniform", "max")
 
 
 def adaptive_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> float:
@@ -236,9 +239,7 @@ def adaptive_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> flo
     Returns:
         Adaptive ECE in [0, 1], computed in float64.
     """
-    n_bins = check_positive_int(n_bins, "n_bins")
-    confidence, correct = _top_label(*_probs_and_labels(probs, labels))
-    return _calibration_error(confidence, correct, n_bins, "quantile", "mean")
+    return _checked_calibration_error(probs, labels, n_bins, "quantile", "mean")
 
 
 def accuracy(probs: Any, labels: Any) -> float:

@@ -88,7 +88,7 @@ def run_one(arch: str, method: str, options: dict, seed: int, data) -> dict[str,
 def main() -> None:
     torch.set_num_threads(1)
     data = load_digits()
-    header = (f"{'model':<5}{'method':<23}{'acc':>7}{'NLL':>8}{'ECE':>8}{'fwd FLOPs':>11}"
+    header = (f"{'model':<6}{'method':<23}{'acc':>7}{'NLL':>8}{'ECE':>8}{'fwd FLOPs':>11}"
               f"{'train GFLOPs':>14}{'train vs VI':>13}{'s/epoch':>9}")
     print(header)
     print("-" * len(header))
@@ -100,7 +100,7 @@ def main() -> None:
             rows[label] = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
         base = rows["vi dense"]
         for label, row in rows.items():
-            print(f"{arch:<5}{label:<23}{row['acc']:>7.3f}{row['nll']:>8.3f}{row['ece']:>8.3f}"
+            print(f"{arch:<6}{label:<23}{row['acc']:>7.3f}{row['nll']:>8.3f}{row['ece']:>8.3f}"
                   f"{row['fwd']:>10.3f}x{row['train_flops'] / 1e9:>14.2f}"
                   f"{row['train_flops'] / base['train_flops']:>12.3f}x"
                   f"{row['sec_per_epoch']:>9.3f}")

@@ -124,6 +124,24 @@ def test_initial_subspace_sizes_and_dense_first_layer():
     assert list(all_sparse.sparse_layers) == ["0", "2", "4"]
 
 
+def test_initial_means_rescaled_or_kept_by_magnitude():
+    torch.manual_seed(0)
+    net = _mlp()
+    weight = net[2].weight.detach().clone()
+    bm = bf.bayesify(net, "ssvi", task="classification", density=0.25, seed=0)
+    mask = bm.model[2].mask
+    # variance preserving: the kept means grow by sqrt(weights / active) = 2
+    torch.testing.assert_close(bm.model[2].weight_mu[mask], 2 * weight[mask])
+    torch.manual_seed(0)
+    net = _mlp()
+    weight = net[2].weight.detach().clone()
+    bm = bf.bayesify(net, "ssvi", task="classification", density=0.25,
+                     initial_mask="magnitude")
+    mask = bm.model[2].mask
+    torch.testing.assert_close(bm.model[2].weight_mu[mask], weight[mask])  # not rescaled
+    assert weight[mask].abs().min() >= weight[~mask].abs().max()
+
+
 @pytest.mark.parametrize("optimizer", ["default", "adam"])
 def test_updates_keep_counts_reset_added_weights_and_mask_optimizer_state(
         digits, monkeypatch, optimizer):

@@ -123,6 +123,16 @@ def test_save_and_load_round_trip(tmp_path, digits):
     torch.testing.assert_close(other.predict(x, seed=3).probs, bm.predict(x, seed=3).probs)
 
 
+@pytest.mark.parametrize("method", ["vi", "ssvi"])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_report_settings_are_valid_options(method, task):
+    settings = bf.get_method(method).report_settings(task)
+    width = 8 if task == "classification" else 1
+    bm = bf.bayesify(_mlp(d_out=width), method, task=task, **settings["options"])
+    assert set(settings["fit"]) <= {"epochs", "lr", "batch_size"}
+    assert bm.is_fitted is False
+
+
 def test_schedules():
     assert kl_warmup_factor(0, 100, 0.0) == 1.0
     assert kl_warmup_factor(9, 100, 0.5) == pytest.approx(10 / 50)

@@ -205,12 +205,13 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
             )
 
     @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
+    def report_settings(cls, task: str) -> dict[str, dict[str, Any]] | None:
         """How ``bayesify report`` runs this method on a pretrained MLP.
 
         Returns ``{"options": {...}, "fit": {...}}``: keyword options for
-        ``bayesify(...)`` and for ``fit(...)``. Methods override it with settings that
-        suit the small embedded data sets.
+        ``bayesify(...)`` and for ``fit(...)`` (``"fit": None`` skips fitting), or
+        ``None`` when the report should leave this method out for ``task``. Methods
+        override it with settings that suit the small embedded data sets.
         """
         return {"options": {}, "fit": {}}
 

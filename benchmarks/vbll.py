@@ -10,7 +10,7 @@ Run: ``.venv/bin/python benchmarks/vbll.py`` (about 2-4 minutes on a laptop CPU)
    the head's fit time (feature caching included).
 2. Cost: a training step (forward, backward, AdamW step of backbone and head) and a
    predict call with a VBLL discriminative head versus a plain Linear head on the same
-   MLP backbone of width 512, for 10 and 100 outputs and each covariance. The official
+   MLP backbone of width 512 (10 and 100 outputs) and 64 (10 outputs), each covariance. The official
    ``vbll`` package's heads are timed too when a benchmark venv has it
    (``python3 -m venv /tmp/vbllvenv && /tmp/vbllvenv/bin/pip install -c constraints.txt
    torch && /tmp/vbllvenv/bin/pip install -c constraints.txt -e . vbll``); that part
@@ -33,10 +33,14 @@ import torch
 from torch import nn
 
 OFFICIAL_PYTHON = os.environ.get("VBLL_OFFICIAL_PYTHON", "/tmp/vbllvenv/bin/python")
-WIDTH, IN_FEATURES, BATCH, PREDICT_BATCH, N_DATA = 512, 64, 128, 1024, 50_000
-# The official dense head broadcasts its Cholesky factor over the batch ([B, m, d, d]);
-# past this many bytes it would not fit in memory, so it is skipped.
-OFFICIAL_MEMORY_LIMIT = 4e9
+IN_FEATURES, BATCH, PREDICT_BATCH, N_DATA = 64, 128, 1024, 50_000
+# (backbone width, outputs): the width 512 with 10 and 100 outputs, and width 64
+# where the official dense head still fits in memory.
+CONFIGS = ((64, 10), (512, 10), (512, 100))
+# The official dense head broadcasts its Cholesky factor over the batch, materializing
+# [B, m, d, d] (and several such tensors in the backward pass); past this many bytes for
+# one copy it is skipped (width 512, 10 outputs would peak above 10 GB).
+OFFICIAL_MEMORY_LIMIT = 5e8
 
 
 # ----------------------------------------------------------------------------- digits
@@ -125,14 +129,15 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _backbone() -> nn.Module:
-    return nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH),
+def _backbone(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(IN_FEATURES, width), nn.ReLU(), nn.Linear(width, width),
                          nn.ReLU())
 
 
-def _time_head(make_head, loss_fn, predict_fn, outputs: int, repeats: int) -> dict:
+def _time_head(make_head, loss_fn, predict_fn, width: int, outputs: int,
+               repeats: int) -> dict:
     torch.manual_seed(0)
-    backbone, head = _backbone(), make_head()
+    backbone, head = _backbone(width), make_head()
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     x = torch.randn(BATCH, IN_FEATURES)
@@ -152,26 +157,26 @@ def _time_head(make_head, loss_fn, predict_fn, outputs: int, repeats: int) -> di
     return {"step_ms": _median_ms(step, repeats), "predict_ms": _median_ms(predict, repeats)}
 
 
-def _repeats(covariance: str, outputs: int) -> int:
-    return 3 if covariance == "dense" and outputs >= 100 else 10
+def _repeats(covariance: str, width: int, outputs: int) -> int:
+    return 3 if covariance == "dense" and width * outputs >= 5000 else 10
 
 
 def time_ours() -> dict:
     from bayesify.layers import VBLLDiscriminative
 
     results = {}
-    for outputs in (10, 100):
-        results[f"linear/{outputs}"] = _time_head(
-            lambda m=outputs: nn.Linear(WIDTH, m),
+    for width, outputs in CONFIGS:
+        results[f"linear/{width}/{outputs}"] = _time_head(
+            lambda w=width, m=outputs: nn.Linear(w, m),
             lambda h, phi, y: nn.functional.cross_entropy(h(phi), y),
-            lambda h, phi: torch.softmax(h(phi), -1), outputs, 10)
+            lambda h, phi: torch.softmax(h(phi), -1), width, outputs, 10)
         for cov in ("diagonal", "lowrank", "dense"):
-            results[f"{cov}/{outputs}"] = _time_head(
-                lambda m=outputs, c=cov: VBLLDiscriminative(
-                    WIDTH, m, covariance=c, regularization_weight=1 / N_DATA),
+            results[f"{cov}/{width}/{outputs}"] = _time_head(
+                lambda w=width, m=outputs, c=cov: VBLLDiscriminative(
+                    w, m, covariance=c, regularization_weight=1 / N_DATA),
                 lambda h, phi, y: h.loss(phi, y),
-                lambda h, phi: h.predict(phi, num_samples=10), outputs,
-                _repeats(cov, outputs))
+                lambda h, phi: h.predict(phi, num_samples=10), width, outputs,
+                _repeats(cov, width, outputs))
     return results
 
 
@@ -182,17 +187,19 @@ def time_official() -> dict:
     import vbll
 
     results = {}
-    for outputs in (10, 100):
+    for width, outputs in CONFIGS:
         for cov in ("diagonal", "lowrank", "dense"):
-            need = BATCH * outputs * WIDTH * WIDTH * 4 if cov == "dense" else 0
+            key = f"{cov}/{width}/{outputs}"
+            need = BATCH * outputs * width * width * 4 if cov == "dense" else 0
             if need > OFFICIAL_MEMORY_LIMIT:
-                results[f"{cov}/{outputs}"] = {"skipped": f"needs ~{need / 1e9:.0f} GB"}
+                results[key] = {"skipped": f"[B,m,d,d] copies of {need / 1e9:.1f} GB each"}
                 continue
-            results[f"{cov}/{outputs}"] = _time_head(
-                lambda m=outputs, c=cov: vbll.DiscClassification(
-                    WIDTH, m, 1 / N_DATA, parameterization=c, cov_rank=10),
+            results[key] = _time_head(
+                lambda w=width, m=outputs, c=cov: vbll.DiscClassification(
+                    w, m, 1 / N_DATA, parameterization=c, cov_rank=10),
                 lambda h, phi, y: h(phi).train_loss_fn(y),
-                lambda h, phi: h(phi).predictive.probs, outputs, _repeats(cov, outputs))
+                lambda h, phi: h(phi).predictive.probs, width, outputs,
+                _repeats(cov, width, outputs))
     return results
 
 
@@ -209,27 +216,28 @@ def official_results() -> dict | str:
 def timing_table() -> None:
     ours = time_ours()
     official = official_results()
-    print(f"\nHead cost: MLP {IN_FEATURES}-{WIDTH}-{WIDTH} backbone + head, train step batch "
-          f"{BATCH} (AdamW, clip 1.0), predict batch {PREDICT_BATCH} (10 logit samples), "
-          "1 thread, median ms")
-    print(f"{'outputs':>7s} {'head':9s} {'step ms':>9s} {'x Linear':>9s} {'predict ms':>11s} "
-          f"{'x Linear':>9s} | {'official step':>13s} {'official/ours':>13s} "
+    print(f"\nHead cost: MLP {IN_FEATURES}-w-w backbone + head, train step batch {BATCH} "
+          f"(AdamW, clip 1.0), predict batch {PREDICT_BATCH} (10 logit samples), 1 thread, "
+          "median ms")
+    print(f"{'w':>4s} {'outputs':>7s} {'head':9s} {'step ms':>9s} {'x Linear':>9s} "
+          f"{'predict ms':>11s} {'x Linear':>9s} | {'official step':>13s} {'official/ours':>13s} "
           f"{'official predict':>16s} {'official/ours':>13s}")
-    for outputs in (10, 100):
-        linear = ours[f"linear/{outputs}"]
+    for width, outputs in CONFIGS:
+        linear = ours[f"linear/{width}/{outputs}"]
         for head in ("linear", "diagonal", "lowrank", "dense"):
-            r = ours[f"{head}/{outputs}"]
-            line = (f"{outputs:7d} {head:9s} {r['step_ms']:9.2f} "
+            key = f"{head}/{width}/{outputs}"
+            r = ours[key]
+            line = (f"{width:4d} {outputs:7d} {head:9s} {r['step_ms']:9.2f} "
                     f"{r['step_ms'] / linear['step_ms']:9.2f} {r['predict_ms']:11.2f} "
                     f"{r['predict_ms'] / linear['predict_ms']:9.2f} | ")
             if head == "linear":
                 line += "-"
             elif isinstance(official, str):
                 line += official
-            elif "skipped" in official[f"{head}/{outputs}"]:
-                line += "skipped: " + official[f"{head}/{outputs}"]["skipped"]
+            elif "skipped" in official[key]:
+                line += "skipped: " + official[key]["skipped"]
             else:
-                o = official[f"{head}/{outputs}"]
+                o = official[key]
                 line += (f"{o['step_ms']:13.2f} {o['step_ms'] / r['step_ms']:13.2f} "
                          f"{o['predict_ms']:16.2f} {o['predict_ms'] / r['predict_ms']:13.2f}")
             print(line)

@@ -243,3 +243,14 @@ def test_save_load_round_trip_regression(tmp_path):
     a, b = bm.predict(x), other.predict(x)
     assert torch.equal(a.mean, b.mean) and torch.equal(a.variance, b.variance)
     assert other.n_data == 64
+
+
+@pytest.mark.parametrize("kind", ["discriminative", "generative"])
+def test_follows_the_model_device_and_dtype(kind, device):
+    net = _pretrained().to(device=device, dtype=torch.float64)
+    x, y = _blobs(dtype=torch.float64)
+    bm = bf.bayesify(net, "vbll", task="classification", kind=kind, covariance="dense")
+    bm.fit((x.to(device), y.to(device)), epochs=2, progress=False, seed=0)
+    pred = bm.predict(x, seed=0)
+    assert pred.probs.device.type == device.type and pred.probs.dtype == torch.float64
+    assert bm.vbll.cov.tril.device.type == device.type

@@ -9,7 +9,7 @@ from pyro.ops.stats import effective_sample_size
 from torch import nn
 
 import bayesify as bf
-from bayesify.data import make_gap_regression
+from bayesify.data import gap_function, make_gap_regression
 from bayesify.inference.hmc import HMCModel, gaussian_log_prior, split_diagnostics
 
 
@@ -273,3 +273,25 @@ def test_report_settings_are_valid_options():
     assert bm.max_tree_depth <= 6 and bm.num_samples <= 200
     # The report passes seed and progress itself.
     assert not {"seed", "progress"} & set(settings["fit"])
+
+
+@pytest.mark.slow
+def test_gap_regression_intervals_cover_and_chains_agree_on_the_data():
+    data = make_gap_regression(n_train=200)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 1))
+    bm = bf.bayesify(net, "hmc", task="regression", num_samples=200, warmup=200,
+                     num_chains=2, max_tree_depth=6)
+    bm.fit((data.X_train, data.y_train), progress=False, seed=0)
+    pred = bm.predict(data.X_test)
+    lo, hi = pred.interval(0.9)
+    coverage = float(((data.y_test >= lo) & (data.y_test <= hi)).float().mean())
+    assert 0.82 <= coverage <= 0.97
+    truth = gap_function(data.X_test[:, 0])
+    assert float((pred.mean - truth).square().mean().sqrt()) < 0.1
+    # Weights are not identifiable, but the functions the chains reach on the data agree:
+    # split-R-hat of the network output at the test inputs.
+    weights = bm.samples[..., :-1].reshape(-1, bm.samples.shape[-1] - 1)
+    outputs = bm._sample_outputs(weights, data.X_test)[..., 0].reshape(2, 200, -1)
+    r_hat, _ = split_diagnostics(outputs)
+    assert float(r_hat.median()) < 1.2

@@ -127,8 +127,8 @@ def _classification_scores(preds: dict[str, Predictive], d: ClassificationData
     metrics["corrupt_ece"] = calibration.expected_calibration_error(preds["corrupted"], d.y_test)
     sets = calibration.ConformalClassifier(score="aps", alpha=1 - _LEVEL, randomized=False)
     mask = sets.fit(preds["val"], d.y_val).predict_set(preds["test"])
-    metrics["set_coverage"] = float(mask[torch.arange(len(d.y_test)), d.y_test].float().mean())
-    metrics["set_size"] = float(mask.sum(1).float().mean())
+    metrics["set_coverage"] = calibration.set_coverage(mask, d.y_test)
+    metrics["set_size"] = calibration.mean_set_size(mask)
     return metrics
 
 

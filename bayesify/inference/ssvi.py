@@ -15,15 +15,22 @@ and every ``update_interval`` steps until ``update_end`` of training each sparse
 3. starts the added weights at mu = 0, rho = the mean rho of the layer's remaining
    weights, with zero optimizer state.
 
-Defaults follow the official code (github.com/ljb121002/SSVI): density 0.1, update
-every 100 steps until 75% of training with removal rate 0.3, KL weight 0.01/N
-(``temperature=0.01``) warmed up linearly over the first half, sigma starting at 6e-4,
-SGD with momentum 0.9 and a cosine learning rate. Two deviations, both options: the
-prior is N(0, 1) rather than N(0, 0.005^2), whose pull is harmless in the paper's
-BatchNorm ResNets (scale invariant) but shrinks the weights of a network without
-normalization to nothing (pass ``prior_std=0.005`` for the paper's value); and means
-start at the wrapped layer's weights instead of N(0, 0.01^2), so a pretrained network
-keeps what it knows (``initial_mask="magnitude"`` keeps its largest weights active).
+Defaults follow the official code (github.com/ljb121002/SSVI): density 0.1, the first
+layer dense, updates every 100 steps until 75% of training with removal rate 0.3, KL
+weight 0.01/N (``temperature=0.01``) warmed up linearly over the first half, sigma
+starting at 6e-4 (the official code draws |N(6e-4, 5e-4^2)|; here every sigma starts
+at ``init_std``), SGD with momentum 0.9 and a cosine learning rate. The official
+script also decays the means by 5e-4 and gives rho its own learning rate 0.01: pass
+``weight_decay=5e-4`` to ``fit`` and ``rho_lr=`` to match. Deviations, all options:
+
+* the prior is N(0, 1) rather than N(0, 0.005^2), whose pull is harmless in the
+  paper's BatchNorm ResNets (scale invariant) but shrinks the weights of a network
+  without normalization to nothing (``prior_std=0.005`` gives the paper's value);
+* means start at the wrapped layer's weights instead of N(0, 0.01^2), so a pretrained
+  network keeps what it knows (``initial_mask="magnitude"`` keeps its largest weights);
+* the means kept by a random initial mask are scaled by 1/sqrt(density)
+  (``rescale_init``), without which a network without normalization layers starts
+  with a vanishing signal and may not train.
 
 The subspace update runs inside ``fit``; a hand-written loop around ``loss`` trains a
 fixed subspace unless it calls :meth:`SSVIModel.update_subspace` itself.

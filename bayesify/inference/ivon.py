@@ -398,6 +398,8 @@ class IVON(torch.optim.Optimizer):
         for s in states:
             s["step"] += 1
 
+        # Each line below is one pass over the bucket; the order keeps the number of
+        # passes (the cost next to Adam) and of temporary tensors small.
         shifted = torch._foreach_add(hess, wd)          # h + δ before the update
         if group["hess_approx"] == "price":
             torch._foreach_mul_(hess_hat, shifted)      # ĥ = ĝ⊙(θ − m)·λ(h + δ)
@@ -406,27 +408,33 @@ class IVON(torch.optim.Optimizer):
         torch._foreach_lerp_(momentum, grad, 1.0 - beta1)
 
         r = 1.0 - beta2
-        torch._foreach_copy_(grad, hess)                # reuse the buffer for (h − ĥ)²
-        torch._foreach_sub_(grad, hess_hat)
-        torch._foreach_mul_(grad, grad)
-        torch._foreach_mul_(hess, beta2)
-        torch._foreach_add_(hess, hess_hat, alpha=r)
-        torch._foreach_addcdiv_(hess, grad, shifted, value=0.5 * r * r)
+        del grad
+        square = torch._foreach_sub(hess, hess_hat)     # (h − ĥ)²
+        torch._foreach_mul_(square, square)
+        torch._foreach_lerp_(hess, hess_hat, r)         # β₂h + (1−β₂)ĥ
+        torch._foreach_addcdiv_(hess, square, shifted, value=0.5 * r * r)
+        del square, hess_hat, shifted
 
-        dtype = hess[0].dtype
-        direction = hess_hat                            # free now; g/(1−β₁ᵗ) + δm
+        # m ← m − α·clip((g/(1−β₁ᵗ) + δm)/(h + δ)); with one t and no clip, the debias
+        # factor moves into the scalar: (g + δ(1−β₁ᵗ)m)/(h + δ) · α/(1−β₁ᵗ).
         debias = [1.0 - beta1 ** s["step"] for s in states]
-        torch._foreach_copy_(direction, momentum)
-        torch._foreach_div_(direction, debias)
+        alpha = group["lr"] * (group["hess_init"] + wd) if group["rescale_lr"] else group["lr"]
+        dtype = hess[0].dtype
+        shifted = torch._foreach_add(hess, wd)          # the new h + δ
+        fast = (len(set(debias)) == 1 and math.isinf(group["clip_radius"])
+                and params[0].dtype == dtype)
+        if fast:
+            direction = torch._foreach_add(momentum, params, alpha=wd * debias[0]) if wd \
+                else momentum
+            torch._foreach_addcdiv_(params, direction, shifted, value=-alpha / debias[0])
+            return
+        direction = torch._foreach_div(momentum, debias)
         if wd:
             torch._foreach_add_(direction, _as(params, dtype), alpha=wd)
-        torch._foreach_copy_(shifted, hess)             # becomes the new h + δ
-        torch._foreach_add_(shifted, wd)
         torch._foreach_div_(direction, shifted)
         if not math.isinf(group["clip_radius"]):
             torch._foreach_clamp_min_(direction, -group["clip_radius"])
             torch._foreach_clamp_max_(direction, group["clip_radius"])
-        alpha = group["lr"] * (group["hess_init"] + wd) if group["rescale_lr"] else group["lr"]
         torch._foreach_add_(params, _as(direction, params[0].dtype), alpha=-alpha)
 
     # ----------------------------------------------------------------- posterior

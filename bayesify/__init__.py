@@ -6,6 +6,7 @@
 >>> bf.calibration.evaluate(pred, y_test)          # accuracy, NLL, ECE, ...
 """
 
+from bayesify import calibration, data, ood
 from bayesify.core import (
     TASKS,
     BayesianModel,
@@ -35,6 +36,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TASKS",
+    "calibration",
+    "data",
+    "ood",
     "BayesianModel",
     "BayesifyError",
     "BayesifyWarning",

@@ -289,3 +289,14 @@ GAUSS = GaussianPredictive(torch.zeros(3), torch.ones(3))
 def test_bad_regression_inputs(call, match):
     with pytest.raises(InputError, match=match):
         call()
+
+
+def test_infinite_conformal_bounds_count_as_covering():
+    # k > n makes split conformal return (-inf, inf): it covers everything, width inf.
+    lower = torch.tensor([-float("inf"), 0.0])
+    upper = torch.tensor([float("inf"), 1.0])
+    y = torch.tensor([1e30, 2.0])
+    assert cal.interval_coverage(lower, upper, y) == 0.5
+    assert cal.mean_interval_width(lower, upper) == float("inf")
+    with pytest.raises(InputError, match="`upper` contains 1 NaN"):
+        cal.interval_coverage(lower, torch.tensor([float("nan"), 1.0]), y)

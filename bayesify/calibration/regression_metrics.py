@@ -66,9 +66,9 @@ def _as_regression(pred: Any, name: str = "pred") -> RegressionPredictive:
                      f"(mean, variance) pair, got {type(pred).__name__}")
 
 
-def _match(y: Any, like: torch.Tensor, name: str) -> torch.Tensor:
+def _match(y: Any, like: torch.Tensor, name: str, *, finite: bool = True) -> torch.Tensor:
     """``y`` as float64 with the shape of ``like``; [N] and [N, 1] are interchangeable."""
-    y = as_tensor(y, name, dtype=torch.float64, device=like.device)
+    y = as_tensor(y, name, dtype=torch.float64, device=like.device, finite=finite)
     if like.dim() == 1 and y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
     elif like.dim() == 2 and like.shape[1] == 1 and y.dim() == 1:
@@ -274,8 +274,13 @@ def regression_calibration_error(pred: Any, y: Any,
 
 
 def _interval(lower: Any, upper: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = as_tensor(lower, "lower", dtype=torch.float64, ndim=(1, 2))
-    hi = _match(upper, lo, "upper")
+    # Infinite bounds are valid: split conformal returns them when the calibration set
+    # is too small for the level (k > n). Only NaN is rejected.
+    lo = as_tensor(lower, "lower", dtype=torch.float64, ndim=(1, 2), finite=False)
+    hi = _match(upper, lo, "upper", finite=False)
+    for name, bound in (("lower", lo), ("upper", hi)):
+        if bool(bound.isnan().any()):
+            raise InputError(f"`{name}` contains {int(bound.isnan().sum())} NaN value(s)")
     if bool((lo > hi).any()):
         count = int((lo > hi).sum())
         raise InputError(f"`lower` must not exceed `upper`; {count} interval(s) are reversed")

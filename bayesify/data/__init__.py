@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from sklearn import datasets as sk_datasets
 
 from bayesify._validation import check_fraction, check_positive_int
 from bayesify.errors import InputError
@@ -133,7 +132,9 @@ def load_digits(
     """scikit-learn's digits with held-out OOD classes and a corrupted test set."""
     check_fraction(val_fraction, "val_fraction")
     check_fraction(test_fraction, "test_fraction")
-    bunch = sk_datasets.load_digits()
+    from sklearn.datasets import load_digits as sklearn_digits  # heavy; only when asked
+
+    bunch = sklearn_digits()
     x = bunch.data.astype(np.float32) / 16.0
     y = bunch.target.astype(np.int64)
     if not set(ood_classes) <= set(range(10)) or len(set(ood_classes)) >= 9:
@@ -205,7 +206,9 @@ def load_diabetes(*, val_fraction: float = 0.15, test_fraction: float = 0.25,
     """scikit-learn's diabetes, inputs and targets standardized with training statistics."""
     check_fraction(val_fraction, "val_fraction")
     check_fraction(test_fraction, "test_fraction")
-    bunch = sk_datasets.load_diabetes()
+    from sklearn.datasets import load_diabetes as sklearn_diabetes  # heavy; only when asked
+
+    bunch = sklearn_diabetes()
     x = bunch.data.astype(np.float64)
     y = bunch.target.astype(np.float64)
     train, val, test = _split(len(y), (val_fraction, test_fraction), np.random.default_rng(seed))

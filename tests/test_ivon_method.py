@@ -79,7 +79,7 @@ def test_regression_gives_a_mixture_with_learned_noise(dtype):
     net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1)).to(dtype)
     bm = bf.bayesify(net, "ivon", task="regression", beta2=0.999, seed=0)
     # IVON starts out as SGD with momentum: small batches and lr for a tanh regressor.
-    bm.fit((data.X_train, data.y_train), epochs=60, lr=0.03, batch_size=8, progress=False,
+    bm.fit((data.X_train, data.y_train), epochs=40, lr=0.03, batch_size=8, progress=False,
            seed=0)
     pred = bm.predict(data.X_test, num_samples=16, seed=0)
     assert isinstance(pred, bf.MixturePredictive)

@@ -314,3 +314,19 @@ def test_bad_inputs(digits):
     bm.fit((digits.X_train[:8], digits.y_train[:8]), epochs=1, progress=False)
     with pytest.raises(InputError, match="`num_samples` must be an int >= 1"):
         bm.predict(digits.X_test[:2], num_samples=-1)
+
+
+def test_regression_gives_a_mixture_with_learned_noise():
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 128)[:, None]
+    y = torch.sin(3 * x[:, 0]) + 0.1 * torch.randn(128)
+    net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                        nn.Linear(32, 1))
+    bm = bf.bayesify(net, "ssvi", task="regression", density=0.5, update_interval=10,
+                     sgd_momentum=None, init_std=0.01, seed=0)
+    bm.fit((x, y), epochs=150, lr=0.03, batch_size=128, progress=False, seed=0)
+    pred = bm.predict(x, num_samples=16, seed=0)
+    assert isinstance(pred, bf.MixturePredictive) and pred.means.shape == (16, 128)
+    assert ((pred.mean - torch.sin(3 * x[:, 0])) ** 2).mean().sqrt() < 0.1
+    assert 0.07 < float(bm.noise.log_std.detach().exp()) < 0.15  # true noise 0.1
+    assert len(bm.update_log) > 0

@@ -19,8 +19,10 @@ Memory: the persistent state is two tensors per parameter, ``momentum`` and ``he
 (kept in float32 for bfloat16/float16 weights, whose 8-bit mantissa would round
 β₂ = 0.99999 to 1 and freeze h). While a sample is drawn, one extra copy of each
 parameter holds the means, so they can be written back bit for bit; it is freed when
-the context exits. Between the exit and ``step()`` the averaged statistics (the
-gradient and ĝ⊙(θ − m)) are two more tensors per parameter, freed by ``step()``.
+the context exits. Between the exit and ``step()`` the summed statistics (the
+gradient and ĝ⊙(θ − m), keys ``grad_sum``/``hess_sum``) are two more tensors per
+parameter, freed by ``step()``. The optimizer's peak is at the context's exit, where
+momentum, hess, the means and the two statistics coexist (5x the weights' size).
 
 Randomness: the noise comes from the optimizer's own generators (one per device),
 seeded from ``seed``, or from one draw of torch's global generator when ``seed`` is

@@ -147,7 +147,9 @@ class VBLLCovariance(nn.Module):
 
     def scale_tril(self) -> torch.Tensor:
         """L [m, d, d] with S = L Lᵀ (``"dense"`` only)."""
-        return torch.tril(self.tril, diagonal=-1) + torch.diag_embed(self.log_std.exp())
+        # One [m, d, d] pass each way: tril, then the diagonal written in place of zeros.
+        return torch.diagonal_scatter(torch.tril(self.tril, diagonal=-1), self.log_std.exp(),
+                                      dim1=-2, dim2=-1)
 
     def diagonal(self) -> torch.Tensor:
         """diag S_k for every row [m, d]."""
@@ -192,8 +194,12 @@ class VBLLCovariance(nn.Module):
         if self.kind == "dense":
             L = self.scale_tril()
             trace = L.pow(2).sum((-1, -2))
-            # ‖L_kᵀφ‖²: one batched product [m, B, d], no inverse.
-            quad = None if phi is None else torch.matmul(phi.unsqueeze(0), L).pow(2).sum(-1).T
+            quad = None
+            if phi is not None:
+                # ‖L_kᵀφ‖² for all k from one GEMM [B, d] x [d, m·d]; no inverse.
+                m, d, _ = L.shape
+                projected = phi @ L.transpose(0, 1).reshape(d, m * d)
+                quad = projected.reshape(-1, m, d).pow(2).sum(-1)
             return quad, trace, logdet
         var = torch.exp(2 * self.log_std)
         trace = var.sum(-1)

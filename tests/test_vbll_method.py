@@ -254,3 +254,34 @@ def test_follows_the_model_device_and_dtype(kind, device):
     pred = bm.predict(x, seed=0)
     assert pred.probs.device.type == device.type and pred.probs.dtype == torch.float64
     assert bm.vbll.cov.tril.device.type == device.type
+
+
+def test_fit_from_a_dataloader_matches_in_memory_fit():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _blobs()
+    loader = DataLoader(TensorDataset(x, y), batch_size=48, shuffle=False)
+    a = bf.bayesify(_pretrained(), "vbll", task="classification", covariance="diagonal")
+    a.fit(loader, epochs=3, progress=False, seed=0)
+    b = bf.bayesify(_pretrained(), "vbll", task="classification", covariance="diagonal")
+    b.fit((x, y), epochs=3, batch_size=48, progress=False, seed=0)
+    assert a.n_data == b.n_data == 240
+    for pa, pb in zip(a.vbll.parameters(), b.vbll.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_head_that_forward_never_calls():
+    x, y = _blobs()
+    bm = bf.bayesify(_Unused(), "vbll", task="classification", head="spare")
+    with pytest.raises(UnsupportedModelError, match="never called its head 'spare'.*`head=`"):
+        bm.fit((x, y), epochs=1, progress=False)

@@ -106,7 +106,9 @@ class GPModel(BayesianModel):
             exact for regression, variational for classification.
         num_inducing: M, inducing points of the variational GP.
         freeze_backbone: keep the network's weights fixed (train only the GP).
-        kernel: ``"rbf"`` (BoTorch's default) or ``"matern"`` (Matérn 5/2), ARD.
+        kernel: ``"rbf"`` (BoTorch's default) or ``"matern"`` (Matérn 5/2).
+        ard: one lengthscale per feature (default); ``False`` shares one, much faster
+            to fit on wide network features.
         noise: ``None`` learns the noise; a float fixes the noise variance in
             standardized target units (exact inference).
         input_bounds: [2, d] lower/upper bounds of the features for the unit-cube
@@ -127,7 +129,7 @@ class GPModel(BayesianModel):
                  num_inducing: int = 128, freeze_backbone: bool = True, kernel: str = "rbf",
                  noise: float | None = None, input_bounds: Any = None, num_restarts: int = 3,
                  num_classes: int | None = None, head: str | None = None,
-                 n_data: int | None = None):
+                 ard: bool = True, n_data: int | None = None):
         super().__init__(model, task, n_data=n_data)
         default = "exact" if task == "regression" else "variational"
         self.inference = check_choice(default if inference is None else inference,
@@ -138,6 +140,7 @@ class GPModel(BayesianModel):
         self.num_inducing = check_positive_int(num_inducing, "num_inducing")
         self.freeze_backbone = bool(freeze_backbone)
         self.kernel = check_choice(kernel, "kernel", KERNELS)
+        self.ard = bool(ard)
         self.fixed_noise = None if noise is None else check_positive_float(noise, "noise")
         self.num_restarts = check_positive_int(num_restarts, "num_restarts")
         self.num_classes = None if num_classes is None else check_positive_int(
@@ -161,10 +164,13 @@ class GPModel(BayesianModel):
 
     @classmethod
     def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
+        # The report's features are 128 wide: one shared lengthscale fits in a fraction
+        # of the time of 128 ARD ones, at the same accuracy there.
         if task == "regression":
-            return {"options": {"inference": "exact"}, "fit": {}}
-        return {"options": {"inference": "variational", "num_inducing": 64},
-                "fit": {"epochs": 20, "lr": 0.02, "batch_size": 256}}
+            return {"options": {"inference": "exact", "ard": False, "num_restarts": 1},
+                    "fit": {}}
+        return {"options": {"inference": "variational", "num_inducing": 32, "ard": False},
+                "fit": {"epochs": 8, "lr": 0.05, "batch_size": 256}}
 
     # ------------------------------------------------------------------ features
 
@@ -236,7 +242,8 @@ class GPModel(BayesianModel):
         self.n_data = self.n_data or int(x.shape[0])
         z, y_std = self._setup(x, y)
         self.gp = ExactGPHead(z.shape[1], y_std.shape[1], kernel=self.kernel,
-                              noise=self.fixed_noise).to(device=self.device, dtype=self.dtype)
+                              noise=self.fixed_noise, ard=self.ard).to(device=self.device,
+                                                                       dtype=self.dtype)
         if optimizer is None and not self._backbone_params():
             self._fit_exact_lbfgs(z, y_std, seed)
         else:
@@ -324,7 +331,7 @@ class GPModel(BayesianModel):
             num_latents = y.shape[1]
             self.likelihood = gaussian_multitask_likelihood(num_latents)
         self.gp = VariationalGPHead(z[pick.to(z.device)], num_latents, kernel=self.kernel,
-                                    outputscale=self.task == "classification")
+                                    outputscale=self.task == "classification", ard=self.ard)
         self.gp.to(device=self.device, dtype=self.dtype)
         self.likelihood.to(device=self.device, dtype=self.dtype)
 
@@ -419,9 +426,10 @@ class GPModel(BayesianModel):
         for name in ("feature_lower", "feature_range", "y_mean", "y_std"):
             setattr(self, name, torch.empty_like(state[name]))
         if self.inference == "exact":
-            ls = state["gp.log_lengthscale"]
-            self.gp = ExactGPHead(ls.shape[-1], ls.shape[0], kernel=self.kernel,
-                                  noise=self.fixed_noise).to(device=self.device, dtype=self.dtype)
+            dim = state["gp.train_inputs"].shape[-1]
+            self.gp = ExactGPHead(dim, state["gp.log_lengthscale"].shape[0], kernel=self.kernel,
+                                  noise=self.fixed_noise, ard=self.ard)
+            self.gp.to(device=self.device, dtype=self.dtype)
         else:
             inducing = state["gp.variational_strategy.base_variational_strategy.inducing_points"]
             num_latents = inducing.shape[0]
@@ -432,7 +440,8 @@ class GPModel(BayesianModel):
             else:
                 self.likelihood = gaussian_multitask_likelihood(num_latents)
             self.gp = VariationalGPHead(inducing[0], num_latents, kernel=self.kernel,
-                                        outputscale=self.task == "classification")
+                                        outputscale=self.task == "classification",
+                                        ard=self.ard)
             self.gp.to(device=self.device, dtype=self.dtype)
             self.likelihood.to(device=self.device, dtype=self.dtype)
         super().load(path)

@@ -189,20 +189,22 @@ class ExactGPHead(nn.Module):
         kernel: ``"rbf"`` (BoTorch's default) or ``"matern"`` (Matérn 5/2).
         noise: ``None`` to learn the noise variance (≥ 1e-4, prior LogNormal(−4, 1)),
             or a fixed noise variance (standardized units).
+        ard: one lengthscale per feature (default); ``False`` shares one across
+            features (cheaper to fit on wide network features).
 
-    Parameters are kept in log space: ``log_lengthscale`` [D, 1, d], ``log_noise``
+    Parameters are kept in log space: ``log_lengthscale`` [D, 1, d or 1], ``log_noise``
     [D], ``mean`` [D]. ``set_train_data(z, y)`` stores the training set (buffers, so
     checkpoints hold it); predictions come from :meth:`posterior`.
     """
 
     def __init__(self, dim: int, num_outputs: int = 1, *, kernel: str = "rbf",
-                 noise: float | None = None):
+                 noise: float | None = None, ard: bool = True):
         super().__init__()
         self.kernel = check_choice(kernel, "kernel", KERNELS)
         self.dim = dim
         self.num_outputs = num_outputs
         self.fixed_noise = noise
-        self.log_lengthscale = nn.Parameter(torch.zeros(num_outputs, 1, dim))
+        self.log_lengthscale = nn.Parameter(torch.zeros(num_outputs, 1, dim if ard else 1))
         self.log_noise = nn.Parameter(torch.zeros(num_outputs), requires_grad=noise is None)
         self.mean = nn.Parameter(torch.zeros(num_outputs))
         self.register_buffer("train_inputs", torch.zeros(0, dim))
@@ -212,7 +214,7 @@ class ExactGPHead(nn.Module):
 
     @property
     def lengthscale(self) -> torch.Tensor:
-        """[D, 1, d]."""
+        """[D, 1, d] (or [D, 1, 1] without ARD)."""
         return self.log_lengthscale.exp()
 
     @property
@@ -364,12 +366,13 @@ class VariationalGPHead(gpytorch.models.ApproximateGP):
         kernel: ``"rbf"`` or ``"matern"``.
         outputscale: learn an output scale (classification needs one: the latent
             functions are logits, whose scale is not standardized).
+        ard: one lengthscale per feature (default), or one shared.
 
     ``head(z)`` returns a ``MultitaskMultivariateNormal`` with mean [N, L].
     """
 
     def __init__(self, inducing_points: torch.Tensor, num_latents: int, *,
-                 kernel: str = "rbf", outputscale: bool = False):
+                 kernel: str = "rbf", outputscale: bool = False, ard: bool = True):
         check_choice(kernel, "kernel", KERNELS)
         batch = torch.Size([num_latents])
         num_inducing, dim = inducing_points.shape
@@ -387,7 +390,8 @@ class VariationalGPHead(gpytorch.models.ApproximateGP):
         constraint = gpytorch.constraints.GreaterThan(MIN_LENGTHSCALE)
         base_cls = (gpytorch.kernels.RBFKernel if kernel == "rbf"
                     else gpytorch.kernels.MaternKernel)
-        base = base_cls(ard_num_dims=dim, batch_shape=batch, lengthscale_prior=gprior,
+        base = base_cls(ard_num_dims=dim if ard else None, batch_shape=batch,
+                        lengthscale_prior=gprior,
                         lengthscale_constraint=constraint)
         base.lengthscale = _lognormal_mode(prior)
         self.covar_module = (gpytorch.kernels.ScaleKernel(base, batch_shape=batch)

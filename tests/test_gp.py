@@ -262,6 +262,15 @@ def test_bad_inputs():
         bf.bayesify(None, "gp", task="regression").predict(torch.rand(3, 2))
 
 
+def test_exact_gp_on_many_points_suggests_the_sparse_gp(monkeypatch):
+    import bayesify.inference.gp as gp_module
+
+    monkeypatch.setattr(gp_module, "_EXACT_LIMIT", 10)
+    X, y = _data(12)
+    with pytest.warns(bf.BayesifyWarning, match="inference='variational' scales"):
+        bf.bayesify(None, "gp", task="regression", num_restarts=1).fit((X, y))
+
+
 def test_report_settings_are_valid_options():
     for task in bf.TASKS:
         settings = bf.get_method("gp").report_settings(task)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 from torch import nn
+from tqdm.auto import tqdm
 
 from bayesify._batching import make_train_batches
 from bayesify._validation import (
@@ -37,7 +38,7 @@ from bayesify._validation import (
     check_positive_int,
 )
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
-from bayesify.errors import InputError, NotPSDError
+from bayesify.errors import BayesifyWarning, InputError, NotPSDError
 from bayesify.inference.vbll import find_head
 from bayesify.layers.gp import (
     KERNELS,
@@ -52,6 +53,7 @@ __all__ = ["GPModel"]
 
 _INFERENCE = ("exact", "variational")
 _DEFAULT_CLASS_SAMPLES = 64
+_EXACT_LIMIT = 5000  # beyond this many points, suggest the sparse GP
 
 
 def _unit_cube_affine(z: torch.Tensor, bounds: torch.Tensor | None
@@ -240,6 +242,10 @@ class GPModel(BayesianModel):
         x = torch.cat([p[0] for p in pairs])
         y = torch.cat([p[1] for p in pairs])
         self.n_data = self.n_data or int(x.shape[0])
+        if x.shape[0] > _EXACT_LIMIT:
+            warnings.warn(f"an exact GP on {x.shape[0]} points costs O(N³) time and O(N²) "
+                          "memory; inference='variational' scales to large N",
+                          BayesifyWarning, stacklevel=2)
         z, y_std = self._setup(x, y)
         self.gp = ExactGPHead(z.shape[1], y_std.shape[1], kernel=self.kernel,
                               noise=self.fixed_noise, ard=self.ard).to(device=self.device,
@@ -287,8 +293,6 @@ class GPModel(BayesianModel):
                         lr: float | None, weight_decay: float,
                         optimizer: torch.optim.Optimizer | None, grad_clip: float | None,
                         progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         epochs = check_positive_int(epochs or 100, "epochs")
         lr = check_positive_float(lr or self.default_lr, "lr")
         if optimizer is None:
@@ -301,8 +305,7 @@ class GPModel(BayesianModel):
             self.train()
             for _ in tqdm(range(epochs), desc="fit gp", disable=not progress, leave=False):
                 optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():
-                    loss = self.gp.objective(self.features(x), y, warn=False)
+                loss = self.gp.objective(self.features(x), y, warn=False)
                 loss.backward()
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(self.parameters(), grad_clip)

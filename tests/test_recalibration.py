@@ -76,12 +76,26 @@ def test_temperature_minimizes_nll_and_binary_logits_match_two_columns():
     assert nll(best) < min(nll(best * 1.02), nll(best / 1.02))
 
 
-def test_temperature_scaling_acts_on_each_sample():
+def test_temperature_scaling_of_a_sampled_predictive_scales_the_pooled_one():
     g = torch.Generator().manual_seed(3)
     sample_logits = 3 * torch.randn(4, 500, 3, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 3, (500,), generator=g)
     pred = CategoricalPredictive.from_logits(sample_logits=sample_logits)
     ts = TemperatureScaling().fit(pred, labels)
+    out = ts.transform(pred)
+    plain = TemperatureScaling().fit(pred.probs.log(), labels)
+    assert ts.temperature == pytest.approx(plain.temperature, rel=1e-6)
+    torch.testing.assert_close(out.probs, torch.softmax(pred.probs.log() / ts.temperature, -1))
+    assert out.sample_probs is None
+    assert torch.equal(out.labels, pred.labels)
+
+
+def test_temperature_scaling_per_sample_acts_on_each_sample():
+    g = torch.Generator().manual_seed(3)
+    sample_logits = 3 * torch.randn(4, 500, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (500,), generator=g)
+    pred = CategoricalPredictive.from_logits(sample_logits=sample_logits)
+    ts = TemperatureScaling(per_sample=True).fit(pred, labels)
     out = ts.transform(pred)
     expected = torch.softmax(sample_logits / ts.temperature, -1)
     torch.testing.assert_close(out.sample_probs, expected)

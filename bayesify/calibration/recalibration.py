@@ -21,6 +21,7 @@ outputs keep the input's dtype and device.
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any
 
 import numpy as np
@@ -59,10 +60,15 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_floating_point() else tensor.to(torch.get_default_dtype())
 
 
-def _log_probs(value: Any, name: str) -> torch.Tensor:
-    """Normalized log-probabilities [N, C] or per-sample [S, N, C] from a predictive or logits."""
+def _log_probs(value: Any, name: str, *, per_sample: bool = False) -> torch.Tensor:
+    """Normalized log-probabilities from a predictive or logits.
+
+    Returns [N, C] for the pooled predictive, or [S, N, C] per sample when ``per_sample``
+    and the input has samples.
+    """
     if isinstance(value, CategoricalPredictive):
-        probs = value.probs if value.sample_probs is None else value.sample_probs
+        probs = value.sample_probs if per_sample and value.sample_probs is not None \
+            else value.probs
         return torch.log_softmax(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), dim=-1)
     if isinstance(value, Predictive):
         raise InputError(f"`{name}` must be a CategoricalPredictive or logits, "
@@ -70,7 +76,11 @@ def _log_probs(value: Any, name: str) -> torch.Tensor:
     logits = _float(as_tensor(value, name, ndim=(1, 2, 3)))
     if logits.dim() == 1:  # binary: the logit of class 1 against a zero logit for class 0
         logits = torch.stack([torch.zeros_like(logits), logits], dim=-1)
-    return torch.log_softmax(logits, dim=-1)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    if log_probs.dim() == 3 and not per_sample:
+        pooled = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+        return torch.log_softmax(pooled, dim=-1)
+    return log_probs
 
 
 def _regression(value: Any, name: str) -> RegressionPredictive:
@@ -195,7 +205,20 @@ class _Recalibrator:
 
 
 class _LogitScaling(_Recalibrator, abc.ABC):
-    """logits -> logits * weight + bias, fitted by NLL; subclasses choose the parameters."""
+    """logits -> logits * weight + bias, fitted by NLL; subclasses choose the parameters.
+
+    Args:
+        per_sample: for predictives with per-sample probabilities, scale each sample and
+            average again (keeps the epistemic/aleatoric split) instead of scaling the
+            pooled predictive. Off by default: fitted per sample, a temperature can run
+            to zero, turning the samples into hard votes that look best on the
+            calibration split and assign ~0 probability to labels no sample voted for on
+            new data. Scaling the pooled predictive ("pool, then calibrate", Rahaman &
+            Thiery 2021) has no such optimum; it returns a predictive without samples.
+    """
+
+    def __init__(self, *, per_sample: bool = False):
+        self.per_sample = bool(per_sample)
 
     @abc.abstractmethod
     def _initial(self, num_classes: int) -> list[torch.Tensor]:
@@ -215,7 +238,7 @@ class _LogitScaling(_Recalibrator, abc.ABC):
         Returns:
             ``self``.
         """
-        log_probs = _log_probs(pred, "pred").detach().double()
+        log_probs = _log_probs(pred, "pred", per_sample=self.per_sample).detach().double()
         labels = _labels(y, log_probs.shape[-2], log_probs.shape[-1], log_probs.device)
         params = [p.to(log_probs.device).requires_grad_() for p in
                   self._initial(log_probs.shape[-1])]
@@ -231,17 +254,17 @@ class _LogitScaling(_Recalibrator, abc.ABC):
         return self
 
     def transform(self, pred: Any) -> CategoricalPredictive:
-        """Rescale the logits of ``pred`` (each sample's, when it has ``sample_probs``).
+        """Rescale the logits of ``pred`` (of the pooled predictive, or each sample's).
 
         Args:
             pred: a CategoricalPredictive, or logits [N, C] / [S, N, C] / binary [N].
 
         Returns:
-            A CategoricalPredictive in the input's dtype; it keeps per-sample
-            probabilities (each sample rescaled) when the input had them.
+            A CategoricalPredictive in the input's dtype; with ``per_sample=True`` it keeps
+            per-sample probabilities (each sample rescaled) when the input had them.
         """
         self._check_fitted()
-        log_probs = _log_probs(pred, "pred")
+        log_probs = _log_probs(pred, "pred", per_sample=self.per_sample)
         if log_probs.shape[-1] != self._num_classes:
             raise InputError(f"`pred` has {log_probs.shape[-1]} classes but the scaling was "
                              f"fitted on {self._num_classes}")
@@ -258,9 +281,10 @@ class TemperatureScaling(_LogitScaling):
     One temperature T > 0 is fitted by minimizing the NLL of held-out labels with L-BFGS
     on log T. Dividing all logits by one positive number keeps their order, so the
     predicted class never changes. For a predictive with per-sample probabilities
-    (MC dropout, ensembles, VI) each sample's log-probabilities are divided by T and the
-    samples are averaged again, which keeps the epistemic/aleatoric split meaningful;
-    the argmax of that average can then move (rarely).
+    (MC dropout, IVON, VI) the pooled log-probabilities are scaled by default; with
+    ``per_sample=True`` each sample's are, and the samples are averaged again, which
+    keeps the epistemic/aleatoric split but can move the argmax (rarely) and can
+    overfit (see :class:`_LogitScaling`).
 
     Example:
         >>> ts = TemperatureScaling().fit(model.predict(x_val), y_val)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from bayesify._validation import check_positive_float, check_positive_int
 from bayesify.core import BayesianModel, register_method
@@ -193,20 +194,22 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         if self.optimizer is None:
             raise NotFittedError("this IVONModel has no IVON posterior; call .fit(train) or "
                                  "wrap with optimizer=<the IVON it was trained with>")
+        # Sampled weights go in through functional_call rather than being written into
+        # the parameters, so the outputs stay differentiable in x (the BO bridge needs
+        # gradients of the acquisition with respect to the inputs).
+        names = {id(p): name for name, p in self.model.named_parameters()}
         outputs = []
         for _ in range(num_samples or self.default_num_samples):
-            with self.optimizer.sampled_params(train=False, generator=generator):
-                outputs.append(self.model(x))
+            draw = self.optimizer.sample(generator)
+            weights = {names[id(p)]: w for p, w in zip(self.optimizer.params, draw, strict=True)
+                       if id(p) in names}
+            outputs.append(functional_call(self.model, weights, (x,)))
         outputs = torch.stack(outputs)
         if self.task == "classification":
             return CategoricalPredictive.from_logits(sample_logits=outputs)
-        means, variances = [], []
-        for output in outputs:
-            self.noise.check_output(output)
-            mean, variance = self.noise.split(output)
-            means.append(self._squeeze(mean))
-            variances.append(self._squeeze(variance))
-        return MixturePredictive(torch.stack(means), torch.stack(variances))
+        self.noise.check_output(outputs[0])
+        means, variances = self.noise.split(outputs)
+        return MixturePredictive(self._squeeze(means), self._squeeze(variances))
 
     # ----------------------------------------------------------------- checkpoints
 

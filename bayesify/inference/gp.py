@@ -39,7 +39,7 @@ from bayesify._validation import (
 )
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import BayesifyWarning, InputError, NotPSDError
-from bayesify.inference.vbll import find_head
+from bayesify.inference._heads import find_head
 from bayesify.layers.gp import (
     KERNELS,
     ExactGPHead,

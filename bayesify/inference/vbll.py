@@ -38,41 +38,18 @@ from bayesify._validation import (
 )
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import InputError, UnsupportedModelError
+from bayesify.inference._heads import find_head
 from bayesify.layers.vbll_classification import VBLLDiscriminative, VBLLGenerative
 from bayesify.layers.vbll_regression import VBLLRegression
 from bayesify.likelihoods import regression_targets
 from bayesify.predictive import GaussianPredictive, Predictive
 
-__all__ = ["VBLLModel", "find_head"]
+__all__ = ["VBLLModel"]
 
 KINDS = ("discriminative", "generative")
 
 # Rows per forward pass when caching the features of in-memory training data.
 _CACHE_BATCH = 1024
-
-
-def find_head(model: nn.Module, head: str | None) -> tuple[str, nn.Linear]:
-    """The name and module of the head to replace: ``head`` or the last ``nn.Linear``."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if head is None:
-        if not linears:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has no nn.Linear layer for VBLL to replace; pass "
-                "`head=` naming the final linear module (as in model.named_modules())")
-        head = linears[-1]
-    elif not isinstance(head, str):
-        raise InputError("`head` must be a submodule's name as in model.named_modules(), "
-                         f"e.g. head='classifier.3'; got {type(head).__name__}")
-    try:
-        module = model.get_submodule(head)
-    except AttributeError:
-        module = None
-    if not isinstance(module, nn.Linear):
-        what = "names no submodule" if module is None else f"is a {type(module).__name__}"
-        found = ", ".join(map(repr, linears)) or "none"
-        raise UnsupportedModelError(f"`head`={head!r} {what}, not an nn.Linear; the model's "
-                                    f"linear layers are: {found}")
-    return head, module
 
 
 @register_method("vbll")

@@ -101,7 +101,6 @@ def test_bayesian_linear_regression_reaches_the_mean_field_optimum(dtype, seed=1
     # Squared loss with noise sn and prior N(0, 1/a): the exact posterior is N(mu, Lam^-1)
     # and the best mean-field Gaussian has mean mu and variances 1/diag(Lam). IVON with
     # ess = N and weight_decay = a/N targets it; h must reach diag(X^T X)/(N sn^2).
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(seed)
     n, sn, prior = 200, 0.5, 2.0
     mix = torch.tensor([[1, .5, 0, 0], [0, 1, .3, 0], [0, 0, 1, .2], [0, 0, 0, 1.5]],

@@ -18,15 +18,6 @@ from bayesify.predictive import CategoricalPredictive, MixturePredictive
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These networks are tiny: extra threads only add contention on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(d_in: int = 5, width: int = 16, d_out: int = 3, *, bn: bool = False,
         dropout: float | None = None) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(d_in, width)]

@@ -16,14 +16,6 @@ from bayesify.layers.vbll_regression import regression_expected_log_likelihood
 KINDS = ["dense", "diagonal", "lowrank"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Move every parameter off its (structured) initialization."""
     generator = torch.Generator().manual_seed(seed)

@@ -14,16 +14,6 @@ from bayesify.errors import BayesifyError, InputError, UnsupportedModelError
 from bayesify.layers import VBLLDiscriminative, VBLLRegression
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: thread start-up and contention on a shared machine cost more than
-    # the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _blobs(n: int = 240, classes: int = 3, dtype: torch.dtype = torch.float32):
     generator = torch.Generator().manual_seed(0)
     centers = 3 * torch.randn(classes, 4, generator=generator)

@@ -13,15 +13,6 @@ from bayesify.inference.vi import cosine_lr_factor, kl_warmup_factor
 from bayesify.layers.bayesian import BayesianConv2d, BayesianLinear, sampling_mode
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks run fastest (and least disturbed by a busy machine) on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mlp(d_in: int = 64, width: int = 32, d_out: int = 8) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, d_out))
 

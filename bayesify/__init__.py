@@ -34,8 +34,19 @@ from bayesify.predictive import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # bf.bo imports BoTorch, which takes seconds: load it on first use only.
+    if name == "bo":
+        import importlib
+
+        return importlib.import_module("bayesify.bo")
+    raise AttributeError(f"module 'bayesify' has no attribute {name!r}")
+
+
 __all__ = [
     "TASKS",
+    "bo",
     "calibration",
     "data",
     "ood",

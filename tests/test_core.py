@@ -303,3 +303,13 @@ def test_errors_share_one_root_and_match_builtins():
     assert issubclass(bf.UnsupportedModelError, bf.InputError)
     assert issubclass(bf.JitterWarning, bf.BayesifyWarning)
     assert np.issubdtype(np.asarray(bf.TASKS).dtype, np.str_)
+
+
+def test_public_subpackages_and_names_are_reachable_from_the_top():
+    assert callable(bf.calibration.evaluate) and callable(bf.ood.score)
+    assert callable(bf.bo.as_botorch_model) and bf.bo.BayesianOptimization is not None
+    assert issubclass(bf.IVON, torch.optim.Optimizer)
+    for name in bf.__all__:
+        assert getattr(bf, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        _ = bf.nonexistent

@@ -1,304 +1,28 @@
-"""Predictive distributions: the one output type every method returns.
-
-Three types cover every method in bayesify:
-
-* :class:`CategoricalPredictive` for classification: averaged class probabilities
-  ``probs`` [N, C] and, for sampling methods, the per-sample probabilities
-  ``sample_probs`` [S, N, C] from which the entropy splits into aleatoric and epistemic
-  parts.
-* :class:`GaussianPredictive` for regression methods with a closed-form predictive
-  (VBLL, GPs): ``mean`` and ``variance`` [N] or [N, D], with the aleatoric part kept.
-* :class:`MixturePredictive` for regression methods that sample (MC dropout, IVON, VI,
-  HMC): S Gaussian components [S, N] or [S, N, D]; every quantity is exact for the
-  mixture (log density by logsumexp, quantiles by root finding on the mixture CDF),
-  never a moment-matched Gaussian.
-
-All tensors stay on the device and dtype they were given. Multi-output regression
-treats outputs as independent given the input: ``log_prob`` sums over the output
-dimension and returns one value per point.
-"""
+"""Regression predictives: independent Gaussians, and exact Gaussian mixtures."""
 
 from __future__ import annotations
 
 import abc
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from bayesify._validation import (
     as_tensor,
     check_fraction,
-    check_labels,
     check_positive_int,
     check_probabilities,
 )
 from bayesify.errors import InputError
+from bayesify.predictive.base import Predictive
 
-__all__ = [
-    "CategoricalPredictive",
-    "GaussianPredictive",
-    "MixturePredictive",
-    "Predictive",
-    "RegressionPredictive",
-]
-
-P = TypeVar("P", bound="Predictive")
+__all__ = ["GaussianPredictive", "MixturePredictive", "RegressionPredictive"]
 
 # Bisection halves the bracket each step; 64 steps take any float64 bracket to its ulp.
 _BISECTION_STEPS = 64
 _LOG_2PI = math.log(2 * math.pi)
-
-
-class Predictive(abc.ABC):
-    """Base of the predictive types: a batch of N predictive distributions."""
-
-    _point_fields: tuple[str, ...] = ()  # tensor attributes indexed along the point axis
-    _point_dims: tuple[int, ...] = ()  # the point axis of each of those fields
-
-    @property
-    @abc.abstractmethod
-    def num_points(self) -> int:
-        """N, the number of inputs this predictive describes."""
-
-    def __len__(self) -> int:
-        return self.num_points
-
-    def _fields(self) -> dict[str, torch.Tensor | None]:
-        fields = {name: getattr(self, "_" + name) for name in self._point_fields}
-        for key, value in self.scores.items():
-            fields["score:" + key] = value
-        return fields
-
-    def _dims(self) -> tuple[int, ...]:
-        return self._point_dims + (0,) * len(self.scores)
-
-    def _rebuild(self: P, fields: dict[str, torch.Tensor | None]) -> P:
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        scores = {}
-        for name, value in fields.items():
-            if name.startswith("score:"):
-                scores[name[len("score:"):]] = value
-            else:
-                setattr(new, "_" + name, value)
-        new._scores = scores
-        return new
-
-    @property
-    def scores(self) -> dict[str, torch.Tensor]:
-        """Method-specific per-point scores [N] (e.g. VBLL's feature log density).
-
-        ``bayesify.ood.score(pred, kind)`` looks kinds up here when they are not one of
-        its built-in scores.
-        """
-        return getattr(self, "_scores", {})
-
-    def with_scores(self: P, **scores: torch.Tensor) -> P:
-        """A copy carrying extra per-point scores, each [N]."""
-        fields = self._fields()
-        for key, value in scores.items():
-            value = as_tensor(value, key, device=self.device, ndim=1)
-            if value.shape[0] != self.num_points:
-                raise InputError(f"score `{key}` must have one value per point "
-                                 f"({self.num_points}), got {value.shape[0]}")
-            fields["score:" + key] = value
-        return self._rebuild(fields)
-
-    def __getitem__(self: P, index: Any) -> P:
-        """Select points: ``pred[mask]``, ``pred[idx]`` or ``pred[a:b]``, same type."""
-        if isinstance(index, int):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
-        out = {}
-        for (name, value), dim in zip(self._fields().items(), self._dims(), strict=True):
-            if value is None:
-                out[name] = None
-            else:
-                idx = index.to(value.device) if isinstance(index, torch.Tensor) else index
-                out[name] = value[(slice(None),) * dim + (idx,)]
-        return self._rebuild(out)
-
-    def to(self: P, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> P:
-        """Move every tensor to ``device`` and/or floating ``dtype``."""
-        return self._rebuild({
-            name: None if value is None else value.to(device=device, dtype=dtype)
-            for name, value in self._fields().items()
-        })
-
-    @classmethod
-    def cat(cls: type[P], items: Sequence[P]) -> P:
-        """Concatenate predictives of the same type along the point axis."""
-        if not items:
-            raise InputError("`items` is empty; pass at least one predictive to concatenate")
-        first = items[0]
-        present = {name: value is not None for name, value in first._fields().items()}
-        for item in items:
-            if type(item) is not type(first):
-                raise InputError(
-                    f"`items` must all be {type(first).__name__}, got {type(item).__name__}"
-                )
-            if {name: value is not None for name, value in item._fields().items()} != present:
-                raise InputError("`items` must all carry the same fields (per-sample outputs, "
-                                 "aleatoric parts, scores) to be concatenated")
-        out = {}
-        for (name, value), dim in zip(first._fields().items(), first._dims(), strict=True):
-            if value is None:
-                out[name] = None
-            else:
-                out[name] = torch.cat([i._fields()[name] for i in items], dim=dim)
-        return first._rebuild(out)
-
-    @property
-    def device(self) -> torch.device:
-        return next(v for v in self._fields().values() if v is not None).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(v for v in self._fields().values() if v is not None).dtype
-
-
-# --------------------------------------------------------------------------------------
-# Classification
-# --------------------------------------------------------------------------------------
-
-
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    # 0 log 0 = 0, and no NaN gradient through the zero entries.
-    logp = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
-    return -(probs * logp).sum(-1)
-
-
-class CategoricalPredictive(Predictive):
-    """Class probabilities for N inputs, optionally with S posterior samples.
-
-    Args:
-        probs: predictive class probabilities [N, C]; rows sum to one. May be ``None``
-            when ``sample_probs`` is given, in which case it is their mean.
-        sample_probs: per-sample probabilities [S, N, C] from a sampling method, or
-            ``None`` for a single (deterministic or analytic) predictive.
-
-    The entropy of ``probs`` splits exactly into ``aleatoric()`` (the expected entropy
-    of the samples) and ``epistemic()`` (the mutual information between label and
-    weights); without samples the epistemic part is zero.
-    """
-
-    _point_fields = ("probs", "sample_probs")
-    _point_dims = (0, 1)
-
-    def __init__(self, probs: torch.Tensor | None, sample_probs: torch.Tensor | None = None):
-        if sample_probs is not None:
-            sample_probs = as_tensor(sample_probs, "sample_probs", ndim=3)
-            check_probabilities(sample_probs, "sample_probs")
-            mean = sample_probs.mean(0)
-            if probs is None:
-                probs = mean
-            else:
-                probs = as_tensor(probs, "probs", ndim=2)
-                if probs.shape != mean.shape:
-                    raise InputError(
-                        f"`probs` has shape {tuple(probs.shape)} but `sample_probs` "
-                        f"{tuple(sample_probs.shape)}; expected [N, C] and [S, N, C]"
-                    )
-                tol = 1e-4 if probs.dtype != torch.float64 else 1e-8
-                if float((probs - mean.to(probs.dtype)).abs().max()) > tol:
-                    raise InputError(
-                        "`probs` must be the mean of `sample_probs` over samples; "
-                        "pass probs=None to have it computed"
-                    )
-        elif probs is None:
-            raise InputError("`probs` is None; pass probabilities [N, C] or `sample_probs`")
-        probs = as_tensor(probs, "probs", ndim=2)
-        check_probabilities(probs, "probs")
-        self._probs = probs
-        self._sample_probs = sample_probs
-
-    @classmethod
-    def from_logits(cls, logits: torch.Tensor | None = None,
-                    sample_logits: torch.Tensor | None = None) -> CategoricalPredictive:
-        """Build from logits [N, C] or sampled logits [S, N, C].
-
-        Sampled logits are averaged in probability space through log-mean-exp of the
-        log-softmax, which stays accurate when individual probabilities underflow.
-        """
-        if sample_logits is not None:
-            sample_logits = as_tensor(sample_logits, "sample_logits", ndim=3)
-            log_probs = torch.log_softmax(sample_logits, dim=-1)
-            mean_log = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-            return cls(torch.softmax(mean_log, dim=-1), log_probs.exp())
-        if logits is None:
-            raise InputError("pass `logits` [N, C] or `sample_logits` [S, N, C]")
-        logits = as_tensor(logits, "logits", ndim=2)
-        return cls(torch.softmax(logits, dim=-1))
-
-    @property
-    def probs(self) -> torch.Tensor:
-        """Predictive class probabilities [N, C]."""
-        return self._probs
-
-    @property
-    def sample_probs(self) -> torch.Tensor | None:
-        """Per-sample class probabilities [S, N, C], or ``None``."""
-        return self._sample_probs
-
-    @property
-    def num_points(self) -> int:
-        return int(self._probs.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        """C, the number of classes."""
-        return int(self._probs.shape[1])
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """The most probable class per input [N] (int64)."""
-        return self._probs.argmax(-1)
-
-    @property
-    def confidence(self) -> torch.Tensor:
-        """The probability of the most probable class [N]."""
-        return self._probs.max(-1).values
-
-    def log_prob(self, y: Any) -> torch.Tensor:
-        """Log predictive probability of the labels ``y`` [N] -> [N]."""
-        y = as_tensor(y, "y", device=self._probs.device)
-        if y.dim() == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.dim() != 1 or y.shape[0] != self.num_points:
-            raise InputError(
-                f"`y` must have shape [{self.num_points}] (one label per point), "
-                f"got {tuple(y.shape)}"
-            )
-        y = check_labels(y, "y", self.num_classes)
-        p = self._probs.gather(1, y[:, None])[:, 0]
-        return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-
-    def entropy(self) -> torch.Tensor:
-        """Total predictive entropy H[E_w p(y|x,w)] in nats [N]."""
-        return _entropy(self._probs)
-
-    def aleatoric(self) -> torch.Tensor:
-        """Expected entropy E_w H[p(y|x,w)] [N]; the total entropy without samples."""
-        if self._sample_probs is None:
-            return self.entropy()
-        return _entropy(self._sample_probs).mean(0)
-
-    def epistemic(self) -> torch.Tensor:
-        """Mutual information between label and weights, entropy - aleatoric [N]."""
-        if self._sample_probs is None:
-            return torch.zeros_like(self._probs[:, 0])
-        return self.entropy() - self.aleatoric()
-
-    def __repr__(self) -> str:
-        samples = "" if self._sample_probs is None else f", samples={self._sample_probs.shape[0]}"
-        return f"CategoricalPredictive(N={self.num_points}, C={self.num_classes}{samples})"
-
-
-# --------------------------------------------------------------------------------------
-# Regression
-# --------------------------------------------------------------------------------------
 
 
 class RegressionPredictive(Predictive):
@@ -651,10 +375,3 @@ class MixturePredictive(RegressionPredictive):
     def __repr__(self) -> str:
         return (f"MixturePredictive(components={self.num_components}, "
                 f"shape={list(self._means.shape[1:])})")
-
-
-def as_predictive(value: Any) -> Predictive:
-    """Return ``value`` if it is a Predictive, else raise a clear error."""
-    if isinstance(value, Predictive):
-        return value
-    raise InputError(f"expected a Predictive, got {type(value).__name__}")

@@ -125,7 +125,7 @@ def _classification_scores(preds: dict[str, Predictive], d: ClassificationData
     metrics["fpr95"] = detection["fpr95"]
     metrics["corrupt_nll"] = calibration.negative_log_likelihood(preds["corrupted"], d.y_test)
     metrics["corrupt_ece"] = calibration.expected_calibration_error(preds["corrupted"], d.y_test)
-    sets = calibration.ConformalClassifier(score="aps", alpha=1 - _LEVEL, randomized=False)
+    sets = calibration.ConformalClassifier(score="lac", alpha=1 - _LEVEL)
     mask = sets.fit(preds["val"], d.y_val).predict_set(preds["test"])
     metrics["set_coverage"] = calibration.set_coverage(mask, d.y_test)
     metrics["set_size"] = calibration.mean_set_size(mask)

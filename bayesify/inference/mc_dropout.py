@@ -6,17 +6,32 @@ mixture of S Gaussians for regression (aleatoric noise from
 :class:`~bayesify.likelihoods.GaussianNoise`). Everything but dropout stays in eval mode
 while sampling, so BatchNorm uses, and never updates, its running statistics.
 
+One dropout sample is one network: its mask is drawn once per sample and unit (per
+channel for Dropout1d/2d/3d) and shared by every input of the batch, which is the
+paper's view of dropout as dropping weight columns. Each input's predictive is the same
+as with a fresh mask per input (its marginal over masks does not change), the sampler
+draws N times fewer random numbers (they dominated the cost), and the S outputs for a
+batch are joint draws from S coherent networks, as Bayesian optimisation over q points
+needs. Only the correlation between inputs changes: within a sample they see one net.
+Dim 0 of a dropout's input is read as the batch axis (a sequence-first layout would
+share each mask over time steps instead).
+
 Sampling is batched. Each dropout module samples through a forward hook with masks from
 its own generator (:class:`~bayesify.layers.dropout.DropoutSampler`); the first dropout
 that runs replicates its input S times along the batch axis, so everything before it
 (the deterministic prefix) runs once per chunk of samples and the stochastic rest runs
 on all samples of the chunk in one call. When the model is an ``nn.Sequential`` (nested
-ones included), the prefix is cut off and runs exactly once. Chunks hold at most
-``max_batch_rows`` rows. This needs the network to keep rows apart after the first
-dropout (row-wise layers, as in an MLP or CNN head); when a replicated tensor meets an
-unreplicated one (a skip connection from before the dropout, a second dropout on a
-branch that bypasses the first), the shape checks fail and prediction falls back to one
-full forward pass per sample, with a :class:`~bayesify.errors.BayesifyWarning`.
+ones included), the prefix is cut off and runs exactly once, and a first dropout
+followed by an ``nn.Linear`` (or inserted on a Linear's input) is folded into that
+layer: the S masked weight matrices are stacked and applied in one GEMM on the
+unreplicated prefix output, when they are no larger than the replicated input would be
+(out_features <= N). Chunks hold at most ``max_batch_rows`` rows (samples × inputs).
+This needs the network to keep rows apart after the first dropout (row-wise layers, as
+in an MLP or CNN head); when a replicated tensor meets an unreplicated one (a skip
+connection from before the dropout, a second dropout on a branch that bypasses the
+first), the shape checks fail and prediction falls back to one full forward pass per
+sample, with a :class:`~bayesify.errors.BayesifyWarning`. Both paths draw the same masks
+from the same seed.
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ from bayesify.layers.dropout import (
     FastPathUnavailable,
     find_dropout,
     insert_dropout,
+    inserted_dropout,
+    masked_linear_samples,
 )
 from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predictive
 
@@ -74,6 +91,46 @@ def _run(chain: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     for module in chain:
         x = module(x)
     return x
+
+
+def _runs_plainly(module: nn.Module) -> bool:
+    return not module._forward_hooks and not module._forward_pre_hooks
+
+
+def foldable_dropout(suffix: Sequence[nn.Module], hidden: torch.Tensor
+                     ) -> tuple[nn.Module, nn.Linear, list[nn.Module]] | None:
+    """The suffix's leading dropout and the Linear it feeds, when they can be folded.
+
+    Folding applies the masks to the Linear's weight instead of its input (see
+    :func:`~bayesify.layers.dropout.masked_linear_samples`); it needs an element-wise
+    ``nn.Dropout`` on a 2-D input, right before a Linear that runs as ``nn.Linear`` does
+    (no hooks, no overridden forward). It pays when the S stacked weights [S·out, in]
+    are no larger than the S replicated inputs [S·N, in].
+
+    Returns:
+        ``(dropout, linear, rest)`` with ``rest`` the modules after the Linear, or None.
+    """
+    if hidden.dim() != 2 or not suffix:
+        return None
+    first = suffix[0]
+    if isinstance(first, nn.Dropout) and len(suffix) > 1:
+        dropout, linear, rest = first, suffix[1], list(suffix[2:])
+        if not (_runs_plainly(dropout) and isinstance(linear, nn.Linear)
+                and _runs_plainly(linear)):
+            return None
+    elif isinstance(first, nn.Linear):
+        # Inserted dropout: a child of the Linear, applied by bayesify's pre-hook.
+        dropout, linear, rest = inserted_dropout(first), first, list(suffix[1:])
+        if not (isinstance(dropout, nn.Dropout) and _runs_plainly(dropout)
+                and not first._forward_hooks):
+            return None
+    else:
+        return None
+    if type(linear).forward is not nn.Linear.forward:
+        return None
+    if linear.out_features > hidden.shape[0] or linear.weight.dtype != hidden.dtype:
+        return None
+    return dropout, linear, rest
 
 
 def _module_seeds(count: int, generator: torch.Generator | None) -> list[int]:
@@ -242,29 +299,39 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
 
     def _sample_fast(self, x: torch.Tensor, num_samples: int, dropout: list[nn.Module],
                      seeds: list[int]) -> torch.Tensor:
-        """The prefix once, then chunks of samples replicated along the batch axis."""
+        """The prefix once, then chunks of samples, folded or replicated."""
         sampler = DropoutSampler(dropout, _generators(seeds, x.device))
         prefix, suffix = split_at_first_dropout(self.model, dropout)
         n = x.shape[0]
+        hidden = _run(prefix, x)  # holds no sampled dropout
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0:
+            raise FastPathUnavailable("the part before the first dropout does not "
+                                      "output a batched tensor")
+        rows = hidden.shape[0]
+        folded = foldable_dropout(suffix, hidden)  # before the sampler hooks the dropout
+        # Folded, a chunk's stacked weights [copies·out, in] have no more rows than its
+        # outputs [copies·rows, out], as out <= rows.
+        per_chunk = max(1, self.max_batch_rows // max(1, rows))
         with sampler.attached():
-            hidden = _run(prefix, x)
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0:
-                raise FastPathUnavailable("the part before the first dropout does not "
-                                          "output a batched tensor")
-            per_chunk = max(1, self.max_batch_rows // max(1, hidden.shape[0]))
             outputs = []
             for start in range(0, num_samples, per_chunk):
                 copies = min(per_chunk, num_samples - start)
-                sampler.arm(copies, hidden.shape[0])
-                out = _run(suffix, hidden)
+                sampler.arm(copies, rows)
+                if folded is None:
+                    out = _run(suffix, hidden)
+                else:
+                    drop, linear, rest = folded
+                    keep = sampler.take_first(drop, hidden.shape, hidden.dtype, hidden.device)
+                    out = _run(rest, masked_linear_samples(hidden, linear, keep,
+                                                           float(drop.p)))
                 if sampler.calls == 0:
                     return _identical(out, num_samples)
-                rows = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() else 0
-                if rows != copies * n:
-                    raise FastPathUnavailable(f"the output has {rows} rows where {copies} "
+                got = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() else 0
+                if got != copies * n:
+                    raise FastPathUnavailable(f"the output has {got} rows where {copies} "
                                               f"samples x {n} inputs were expected")
                 outputs.append(out.reshape(copies, n, *out.shape[1:]))
-        return torch.cat(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _identical(output: torch.Tensor, num_samples: int) -> torch.Tensor:

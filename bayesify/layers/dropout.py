@@ -2,10 +2,13 @@
 
 Sampling happens outside torch's own dropout: :func:`sample_dropout` reproduces the
 train-mode behaviour of every ``nn`` dropout type with masks drawn from an explicit
-``torch.Generator``, and can replicate its input S times along the batch axis first, so
-a network's deterministic prefix runs once while the rest sees S dropout samples in one
-batched call. :class:`DropoutSampler` applies it through forward hooks while every
-module stays in eval mode (BatchNorm keeps using its running statistics).
+``torch.Generator``, one mask per sample shared over the batch rows (a sample is one
+thinned network), and can replicate its input S times along the batch axis first, so a
+network's deterministic prefix runs once while the rest sees S dropout samples in one
+batched call; :func:`masked_linear_samples` folds the masks of a dropout followed by a
+Linear into S stacked weights instead. :class:`DropoutSampler` applies the masks
+through forward hooks while every module stays in eval mode (BatchNorm keeps using its
+running statistics).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ __all__ = [
     "DropoutSampler",
     "FastPathUnavailable",
     "dropout_mask_shape",
+    "draw_keep",
     "find_dropout",
     "insert_dropout",
+    "inserted_dropout",
+    "masked_linear_samples",
     "sample_dropout",
 ]
 
@@ -58,6 +64,13 @@ def _apply_inserted_dropout(module: nn.Module, args: tuple) -> tuple:
         return None  # called with keyword inputs only: nothing positional to drop
     dropout = getattr(module, INSERTED_NAME)
     return (dropout(args[0]), *args[1:])
+
+
+def inserted_dropout(module: nn.Module) -> nn.Module | None:
+    """The dropout :func:`insert_dropout` put on ``module``'s input, when that is all
+    that runs before it (bayesify's pre-hook is its only one); otherwise None."""
+    hooks = list(module._forward_pre_hooks.values())
+    return getattr(module, INSERTED_NAME, None) if hooks == [_apply_inserted_dropout] else None
 
 
 def insert_dropout(model: nn.Module, p: float, *, layers: int = 1,
@@ -108,49 +121,71 @@ def insert_dropout(model: nn.Module, p: float, *, layers: int = 1,
 
 
 def dropout_mask_shape(module: nn.Module, shape: torch.Size) -> tuple[int, ...]:
-    """Shape of the Bernoulli mask ``module`` draws for an input of ``shape``.
+    """Shape of the Bernoulli mask of one dropout sample on an input of ``shape``.
 
-    Element-wise dropout masks every entry; feature (channel) dropout masks whole
-    channels, broadcasting over the trailing dims, as torch does: Dropout1d and
-    Dropout3d accept an unbatched input ([C, L] and [C, D, H, W]), while Dropout2d and
-    FeatureAlphaDropout always read dims 0 and 1 as (batch, channel).
+    One sample is one network (Gal & Ghahramani's dropped weight columns), so its mask
+    is shared over the batch rows (dim 0): element-wise dropout masks every unit
+    (``(1, *shape[1:])``), feature dropout masks whole channels (``(1, C, 1, ...)``).
+    Dropout1d and Dropout3d accept an unbatched input ([C, L] and [C, D, H, W]), whose
+    dim 0 is the channel; Dropout2d and FeatureAlphaDropout always read dims 0 and 1 as
+    (batch, channel), as torch does. A 1-D input to element-wise dropout has no batch
+    axis: every entry is a unit.
     """
     if isinstance(module, nn.Dropout | nn.AlphaDropout):
-        return tuple(shape)
+        return tuple(shape) if len(shape) < 2 else (1, *shape[1:])
     unbatched_ndim = {nn.Dropout1d: 2, nn.Dropout3d: 4}.get(type(module))
     if unbatched_ndim is not None and len(shape) == unbatched_ndim:
         return (shape[0],) + (1,) * (len(shape) - 1)
     if len(shape) < 2:
         raise InputError(f"{type(module).__name__} needs an input with a channel dim, got "
                          f"shape {list(shape)}")
-    return (shape[0], shape[1]) + (1,) * (len(shape) - 2)
+    return (1, shape[1]) + (1,) * (len(shape) - 2)
 
 
-def sample_dropout(x: torch.Tensor, module: nn.Module, *, copies: int = 1,
+def draw_keep(module: nn.Module, shape: torch.Size, samples: int,
+              generator: torch.Generator | None, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """0/1 keep masks of ``samples`` dropout samples for one input of ``shape``.
+
+    Returns:
+        [S, *dropout_mask_shape(module, shape)] in ``dtype``. Masks come from float32
+        uniforms for every dtype, so float32 and float64 models see the same masks from
+        the same seed, and sample by sample, so S draws of one sample on one generator
+        give the masks of one draw of S samples (on CPU, where torch's generator is
+        sequential). Nothing is drawn for p >= 1 (every unit is dropped).
+    """
+    mask_shape = (samples, *dropout_mask_shape(module, shape))
+    p = float(module.p)
+    if p >= 1:
+        return torch.zeros(mask_shape, dtype=dtype, device=device)
+    keep = torch.rand(mask_shape, generator=generator, device=device, dtype=torch.float32)
+    return keep.ge_(p).to(dtype)
+
+
+def sample_dropout(x: torch.Tensor, module: nn.Module, *, copies: int = 1, groups: int = 1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """One train-mode pass of a dropout ``module`` on ``copies`` replicas of ``x``.
+    """Train-mode dropout ``module`` on x, one mask per sample shared over its rows.
 
     Args:
-        x: the dropout's input [B, ...].
+        x: the dropout's input [G·B, ...]: ``groups`` = G consecutive blocks of B rows,
+            block g belonging to dropout sample g (G = 1: one sample).
         module: one of :data:`DROPOUT_TYPES` (its rate ``p`` and kind are used).
-        copies: S; the output stacks S independently masked copies of x along dim 0.
+        copies: S; replicate x S times first, each copy a new sample (with G = 1).
         generator: source of the masks, on x's device.
 
     Returns:
-        [S·B, ...], copy-major (rows s·B .. s·B + B - 1 are copy s). Masks are drawn in
-        that order, so S calls with ``copies=1`` on one generator give the same masks as
-        one call with ``copies=S`` (on CPU, where torch's generator is sequential).
+        [S·G·B, ...], sample-major (rows s·B .. s·B + B - 1 are sample s). The masks are
+        those of :func:`draw_keep` for S·G samples on one block [B, ...].
     """
+    if x.shape[0] % groups:
+        raise InputError(f"`x` has {x.shape[0]} rows, not a multiple of `groups` = {groups}")
+    block = torch.Size((x.shape[0] // groups, *x.shape[1:]))
+    samples = copies * groups
     p = float(module.p)
-    shape = (copies * x.shape[0], *x.shape[1:]) if copies > 1 else x.shape
     if p >= 1:
         # torch multiplies by zero for p == 1 (alpha dropout included).
-        return x.new_zeros(shape)
-    mask_shape = dropout_mask_shape(module, torch.Size(shape))
-    # Masks are drawn from float32 uniforms for every dtype, so float32 and float64
-    # models see the same masks from the same seed.
-    keep = torch.rand(mask_shape, generator=generator, device=x.device, dtype=torch.float32)
-    keep = keep.ge_(p).to(x.dtype)
+        return x.new_zeros((samples * block[0], *block[1:]))
+    keep = draw_keep(module, block, samples, generator, x.dtype, x.device)
     if isinstance(module, _ALPHA_TYPES):
         a = 1.0 / ((_SELU_SATURATION ** 2 * p + 1) * (1 - p)) ** 0.5
         dropped = a * _SELU_SATURATION * (p - 1)
@@ -158,20 +193,35 @@ def sample_dropout(x: torch.Tensor, module: nn.Module, *, copies: int = 1,
     else:
         dropped = None
         gain = x / (1 - p)
-    out = _broadcast_mul(keep, gain, copies)
+    out = keep.view(groups, copies, *keep.shape[1:]) * gain.view(groups, 1, *block)
+    out = out.view(samples * block[0], *block[1:])
     return out if dropped is None else out.add_(dropped)
 
 
-def _broadcast_mul(keep: torch.Tensor, gain: torch.Tensor, copies: int) -> torch.Tensor:
-    """keep [S·B, ...] (or a channel mask) times gain [B, ...] replicated S times."""
-    batch = gain.shape[0]
-    full = (copies, batch, *gain.shape[1:])
-    in_place = not (gain.requires_grad and torch.is_grad_enabled())
-    if in_place and keep.shape == torch.Size((copies * batch, *gain.shape[1:])):
-        # The mask already has the output's size: multiply in place, no extra tensor.
-        return keep.view(full).mul_(gain).view(copies * batch, *gain.shape[1:])
-    return (keep.view(copies, batch, *keep.shape[1:]) * gain).view(copies * batch,
-                                                                    *gain.shape[1:])
+def masked_linear_samples(h: torch.Tensor, linear: nn.Linear, keep: torch.Tensor,
+                          p: float) -> torch.Tensor:
+    """``linear`` after inverted dropout on h, for S masks in one GEMM.
+
+    Dropping input unit j of a sample is dropping column j of the weight, so all
+    samples run as one product of h with the S masked weights stacked [S·out, in].
+
+    Args:
+        h: inputs [N, in].
+        linear: the layer (weight [out, in], bias [out] or None).
+        keep: 0/1 masks [S, 1, in] (from :func:`draw_keep`).
+        p: the dropout rate.
+
+    Returns:
+        [S·N, out], sample-major, equal to ``linear(sample_dropout(h, ...))`` with the
+        same masks up to rounding.
+    """
+    weight = linear.weight
+    samples, out_features = keep.shape[0], weight.shape[0]
+    scale = keep.view(samples, 1, -1) / (1 - p) if p < 1 else keep.view(samples, 1, -1)
+    stacked = (weight.unsqueeze(0) * scale).reshape(samples * out_features, -1)
+    bias = None if linear.bias is None else linear.bias.repeat(samples)
+    out = nn.functional.linear(h, stacked, bias).view(h.shape[0], samples, out_features)
+    return out.transpose(0, 1).reshape(samples * h.shape[0], out_features)
 
 
 class FastPathUnavailable(RuntimeError):
@@ -185,8 +235,8 @@ class DropoutSampler:
     :func:`sample_dropout` using a per-module generator, so the masks a module draws do
     not depend on the order in which modules run. With ``copies`` = S > 1, the first
     dropout that runs replicates its input S times (its input must have ``rows`` rows);
-    every later dropout must then see S·rows rows, otherwise the samples would share
-    masks and :class:`FastPathUnavailable` is raised.
+    every later dropout must then see S·rows rows (S blocks, one mask each), otherwise
+    the samples would share masks and :class:`FastPathUnavailable` is raised.
 
     Args:
         modules: the dropout modules to sample.
@@ -204,17 +254,34 @@ class DropoutSampler:
         """Prepare the next forward: replicate ``rows`` rows ``copies`` times."""
         self.copies, self.rows, self.calls = copies, rows, 0
 
+    def take_first(self, module: nn.Module, shape: torch.Size, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+        """Draw the first dropout's masks for all ``copies`` samples without running it.
+
+        For a caller that applies the masks itself (a dropout folded into the next
+        layer's weights); later dropouts then expect ``copies`` × ``rows`` rows.
+
+        Returns:
+            0/1 masks [copies, *dropout_mask_shape(module, shape)].
+        """
+        self.calls += 1
+        return draw_keep(module, shape, self.copies, self.generators[id(module)], dtype, device)
+
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        copies = 1
+        copies = groups = 1
         if self.copies > 1:
             expected = self.rows if self.calls == 0 else self.copies * self.rows
             if x.shape[0] != expected:
                 raise FastPathUnavailable(
                     f"a dropout input has {x.shape[0]} rows where {expected} were expected")
-            copies = self.copies if self.calls == 0 else 1
+            if self.calls == 0:
+                copies = self.copies
+            else:
+                groups = self.copies
         self.calls += 1
-        return sample_dropout(x, module, copies=copies, generator=self.generators[id(module)])
+        return sample_dropout(x, module, copies=copies, groups=groups,
+                              generator=self.generators[id(module)])
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[DropoutSampler]:

@@ -4,11 +4,14 @@ Branin (5 Sobol + 25 LogEI steps) and Hartmann6 (10 + 40), 3 seeds each, minimiz
 Rows: bayesify's GP surrogate; the reference, BoTorch's ``SingleTaskGP`` + analytic
 ``LogExpectedImprovement`` written out below with the same initial design and
 ``optimize_acqf`` settings; random search; and bayesify's VBLL surrogate (a 3×64 MLP
-trained jointly with its VBLL head each step). Prints final log10 simple regret (mean
+trained jointly with its VBLL head each step), with LogEI and with Thompson sampling
+(the acquisition of BoTorch's community VBLL surrogate). Prints final log10 simple regret (mean
 ± standard error over seeds) and CPU seconds per iteration (surrogate fit +
 acquisition, one thread, so other load on the machine does not distort the ratio).
 
-Run: ``.venv/bin/python benchmarks/bo.py [--quick]`` (--quick: 1 seed, fewer steps).
+Run: ``.venv/bin/python benchmarks/bo.py [--quick] [--only "bayesify vbll ts,..."]``
+(--quick: 1 seed, fewer steps; --only: a subset of the rows; the reference always runs,
+as the time ratios need it).
 """
 
 from __future__ import annotations
@@ -68,10 +71,10 @@ def random_baseline(problem, n_init: int, n_iter: int, seed: int) -> tuple[list,
     return random_search(problem, n_init + n_iter, seed).tolist(), [0.0] * n_iter
 
 
-def bayesify_loop(surrogate: str):
+def bayesify_loop(surrogate: str, acquisition: str = "logei"):
     def run(problem, n_init: int, n_iter: int, seed: int) -> tuple[list, list]:
         bo = BayesianOptimization(None, problem.bounds, surrogate=surrogate,
-                                  acquisition="logei", n_init=n_init, seed=seed,
+                                  acquisition=acquisition, n_init=n_init, seed=seed,
                                   acquisition_options=ACQ, progress=False)
         X = bo.ask()  # the initial design
         bo.tell(X, problem(X))
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--problems", default="branin,hartmann6")
+    parser.add_argument("--only", default="", help="comma-separated row names to run")
     args = parser.parse_args(argv)
     # Tiny matrices: threads only add contention (and the comparison stays fair).
     torch.set_num_threads(1)
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("vbll",):
         if name in available_methods("regression"):
             contenders[f"bayesify {name}"] = bayesify_loop(name)
+            contenders[f"bayesify {name} ts"] = bayesify_loop(name, "ts")
+    if args.only:
+        keep = {n.strip() for n in args.only.split(",")} | {"botorch reference"}
+        contenders = {n: fn for n, fn in contenders.items() if n in keep}
     print(f"{'problem':<10} {'method':<20} {'log10 regret':>18} {'s/iter':>8} "
           f"{'time vs ref':>11}")
     for problem_name in args.problems.split(","):

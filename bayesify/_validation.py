@@ -90,6 +90,11 @@ def as_tensor(
 def check_finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """Raise if ``tensor`` holds NaN or infinite values (integer tensors pass)."""
     if tensor.is_floating_point() or tensor.is_complex():
+        # A sum is finite only if every entry is (NaN propagates, inf - inf is NaN), so
+        # one reduction clears the common case; this check runs on every training batch.
+        # Only a non-finite sum (or an overflowing one) pays for the elementwise test.
+        if tensor.numel() and bool(torch.isfinite(tensor.detach().sum())):
+            return tensor
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
             count = int(bad.sum())

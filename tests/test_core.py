@@ -313,3 +313,16 @@ def test_public_subpackages_and_names_are_reachable_from_the_top():
         assert getattr(bf, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         _ = bf.nonexistent
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_catches_every_non_finite_value_and_allows_overflowing_sums(bad):
+    from bayesify._validation import check_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum overflows
+    assert check_finite(big, "x") is big
+    for values in ([1.0, bad], [bad, -bad if bad == bad else 1.0], [float("inf"), -float("inf")]):
+        with pytest.raises(bf.InputError, match="`x` contains"):
+            check_finite(torch.tensor(values), "x")
+    with pytest.raises(bf.InputError, match="`x` contains 1 NaN or infinite"):
+        check_finite(torch.tensor([[1.0, 2.0], [bad, 4.0]], dtype=torch.float64), "x")

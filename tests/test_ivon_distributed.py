@@ -52,8 +52,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save({"params": [p.detach() for p in net.parameters()],
                     "hess": [opt.state[p]["hess"] for p in net.parameters()],
                     "noise": noise, "losses": losses}, os.path.join(out, f"{rank}.pt"))
+        # Both ranks must be done before either tears down: rank 0 hosts the store, and a
+        # rank that exits while its peer still talks to it makes gloo abort the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without C++ static destructors: a gloo thread still joinable at interpreter
+    # exit makes std::terminate abort a rank now and then ("terminate called without an
+    # active exception"), after its results are already written.
+    os._exit(0)
 
 
 def test_sync_keeps_means_identical_across_ranks_and_trains(tmp_path):

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayesify._math import normal_log_prob
 from bayesify._validation import check_positive_float
 from bayesify.errors import InputError
 
 __all__ = ["GaussianNoise", "infer_output_width", "gaussian_nll", "regression_targets"]
 
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def infer_output_width(model: nn.Module | None) -> int | None:
@@ -49,8 +49,7 @@ def gaussian_nll(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor) ->
     Returns:
         A scalar.
     """
-    per_entry = 0.5 * (_LOG_2PI + variance.log() + (y - mean) ** 2 / variance)
-    return per_entry.sum(-1).mean()
+    return -normal_log_prob(y, mean, variance).sum(-1).mean()
 
 
 def regression_targets(y: torch.Tensor, num_outputs: int) -> torch.Tensor:

@@ -168,6 +168,7 @@ class TaskReport:
     rows: list[ReportRow]
     predictives: dict[str, Predictive]
     columns: Sequence[tuple[str, str]]
+    dataset: ClassificationData | RegressionData
 
     def table(self) -> str:
         return format_table(self.rows, self.columns)
@@ -216,12 +217,13 @@ def run_task(name: str, methods: Sequence[str] | None, *, seed: int = 0, epochs:
         scaler = "TS" if task == "classification" else "VS"
         rows.append(ReportRow(f"{method} + {scaler}", recalibrated))
         predictives[method] = preds["test"]
-    return TaskReport(name, task, rows, predictives, columns)
+    return TaskReport(name, task, rows, predictives, columns, d)
 
 
-def _figure(report: TaskReport, d: ClassificationData | RegressionData, path: Path) -> None:
+def _figure(report: TaskReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    d = report.dataset
     names = list(report.predictives)
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
@@ -275,7 +277,7 @@ def run_report(data: Sequence[str], methods: Sequence[str] | None, *, out: str |
         if out_dir is not None and report.predictives:
             figure = f"{'reliability' if report.task == 'classification' else 'calibration'}"
             path = out_dir / f"{figure}_{name}.png"
-            _figure(report, load(name, seed=seed), path)
+            _figure(report, path)
             sections += [f"![{figure} diagrams]({path.name})", ""]
         reports.append(report)
     if out_dir is not None:

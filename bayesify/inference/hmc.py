@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from bayesify._batching import make_train_batches
+from bayesify._math import LOG_2PI
 from bayesify._validation import (
     check_fraction,
     check_labels,
@@ -49,13 +50,12 @@ from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predic
 
 __all__ = ["HMCModel", "gaussian_log_prior", "split_diagnostics"]
 
-_LOG_2PI = math.log(2 * math.pi)
 _NOISE_NAME = "log_noise_std"
 
 
 def gaussian_log_prior(theta: torch.Tensor, std: float) -> torch.Tensor:
     """log N(θ | 0, std² I) of a flat vector θ [P] (a scalar)."""
-    return -0.5 * (theta.square().sum() / std**2 + theta.numel() * (_LOG_2PI + 2 * math.log(std)))
+    return -0.5 * (theta.square().sum() / std**2 + theta.numel() * (LOG_2PI + 2 * math.log(std)))
 
 
 def split_diagnostics(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

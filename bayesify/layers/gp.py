@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesify._math import LOG_2PI
 from bayesify._validation import check_choice
 from bayesify.errors import InputError, JitterWarning, NotPSDError
 
@@ -48,7 +49,6 @@ __all__ = [
 KERNELS = ("rbf", "matern")
 MIN_LENGTHSCALE = 0.025
 MIN_NOISE = 1e-4
-_LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------- priors
@@ -72,7 +72,7 @@ def _lognormal_log_prob(prior: torch.distributions.LogNormal, log_value: torch.T
                         ) -> torch.Tensor:
     """log p(v) for v = exp(log_value), computed from log v (no exp/log round trip)."""
     mu, sigma = float(prior.loc), float(prior.scale)
-    return (-log_value - math.log(sigma) - 0.5 * _LOG_2PI
+    return (-log_value - math.log(sigma) - 0.5 * LOG_2PI
             - (log_value - mu) ** 2 / (2 * sigma**2))
 
 
@@ -174,7 +174,7 @@ def exact_log_marginal(factor: torch.Tensor, residual: torch.Tensor) -> torch.Te
     white = torch.linalg.solve_triangular(factor, residual.unsqueeze(-1), upper=False)
     n = residual.shape[-1]
     logdet = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return -0.5 * white.squeeze(-1).pow(2).sum(-1) - logdet - 0.5 * n * _LOG_2PI
+    return -0.5 * white.squeeze(-1).pow(2).sum(-1) - logdet - 0.5 * n * LOG_2PI
 
 
 # -------------------------------------------------------------------- exact head

@@ -8,7 +8,6 @@ of the noise covariance minus the KL of the weight posterior from its prior, wei
 from __future__ import annotations
 
 import abc
-import math
 
 import torch
 from torch import nn
@@ -22,9 +21,8 @@ from bayesify._validation import (
 from bayesify.errors import InputError
 from bayesify.layers.vbll_covariance import VBLLCovariance, gaussian_kl, wishart_log_prior
 
-__all__ = ["LOG_2PI", "VBLLHead", "check_labels_for"]
+__all__ = ["VBLLHead", "check_labels_for"]
 
-LOG_2PI = math.log(2 * math.pi)
 
 
 class VBLLHead(nn.Module, metaclass=abc.ABCMeta):

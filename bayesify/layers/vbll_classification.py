@@ -17,8 +17,9 @@ import math
 import torch
 from torch import nn
 
+from bayesify._math import LOG_2PI
 from bayesify._validation import check_positive_int
-from bayesify.layers.vbll_base import LOG_2PI, VBLLHead, check_labels_for
+from bayesify.layers.vbll_base import VBLLHead, check_labels_for
 from bayesify.layers.vbll_covariance import VBLLCovariance, cholesky_with_jitter
 from bayesify.predictive import CategoricalPredictive
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bayesify._math import LOG_2PI
 from bayesify._validation import check_finite, check_same_length
-from bayesify.layers.vbll_base import LOG_2PI, VBLLHead
+from bayesify.layers.vbll_base import VBLLHead
 from bayesify.likelihoods import regression_targets
 from bayesify.predictive import GaussianPredictive
 

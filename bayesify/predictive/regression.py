@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from bayesify._math import normal_log_prob
 from bayesify._validation import (
     as_tensor,
     check_fraction,
@@ -22,7 +22,6 @@ __all__ = ["GaussianPredictive", "MixturePredictive", "RegressionPredictive"]
 
 # Bisection halves the bracket each step; 64 steps take any float64 bracket to its ulp.
 _BISECTION_STEPS = 64
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class RegressionPredictive(Predictive):
@@ -198,7 +197,7 @@ class GaussianPredictive(RegressionPredictive):
 
     def _log_prob_elementwise(self, y: torch.Tensor) -> torch.Tensor:
         var = self._safe_variance()
-        return -0.5 * (_LOG_2PI + var.log() + (y - self._mean) ** 2 / var)
+        return normal_log_prob(y, self._mean, var)
 
     def _cdf(self, y: torch.Tensor) -> torch.Tensor:
         return _normal_cdf((y - self._mean) / self._safe_variance().sqrt())
@@ -331,7 +330,7 @@ class MixturePredictive(RegressionPredictive):
 
     def _log_prob_elementwise(self, y: torch.Tensor) -> torch.Tensor:
         var = self._safe_variances()
-        component = -0.5 * (_LOG_2PI + var.log() + (y - self._means) ** 2 / var)
+        component = normal_log_prob(y, self._means, var)
         log_w = self._w().clamp_min(torch.finfo(var.dtype).tiny).log()
         return torch.logsumexp(component + log_w, dim=0)
 

@@ -6,7 +6,8 @@
 >>> bf.calibration.evaluate(pred, y_test)          # accuracy, NLL, ECE, ...
 """
 
-from bayesify import calibration, data, ood
+from bayesify import calibration, data, likelihoods, ood
+from bayesify._progress import set_progress_bars
 from bayesify.core import (
     TASKS,
     BayesianModel,
@@ -18,13 +19,17 @@ from bayesify.core import (
 from bayesify.errors import (
     BayesifyError,
     BayesifyWarning,
+    CheckpointError,
     InputError,
     JitterWarning,
     NotFittedError,
     NotPSDError,
+    NumericalError,
+    TrainingDivergedError,
     UnsupportedModelError,
 )
-from bayesify.inference.ivon import IVON
+from bayesify.optim.ivon import IVON
+from bayesify.posterior import GaussianPosterior, Posterior, SampledPosterior
 from bayesify.predictive import (
     CategoricalPredictive,
     GaussianPredictive,
@@ -49,11 +54,14 @@ __all__ = [
     "bo",
     "calibration",
     "data",
+    "likelihoods",
     "ood",
     "BayesianModel",
     "BayesifyError",
     "BayesifyWarning",
     "CategoricalPredictive",
+    "CheckpointError",
+    "GaussianPosterior",
     "GaussianPredictive",
     "IVON",
     "InputError",
@@ -61,10 +69,15 @@ __all__ = [
     "MixturePredictive",
     "NotFittedError",
     "NotPSDError",
+    "NumericalError",
+    "Posterior",
     "Predictive",
+    "SampledPosterior",
+    "TrainingDivergedError",
     "UnsupportedModelError",
     "available_methods",
     "bayesify",
     "get_method",
     "register_method",
+    "set_progress_bars",
 ]

@@ -7,8 +7,9 @@ the inner math assume clean tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "check_probabilities",
     "check_same_length",
     "check_choice",
+    "inputs_in_user_terms",
 ]
 
 
@@ -201,3 +203,49 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
         options = ", ".join(repr(c) for c in choices)
         raise InputError(f"`{name}` must be one of {options}, got {value!r}")
     return value
+
+
+_SHAPE_ERRORS = ("cannot be multiplied", "size mismatch", "channels", "must match the size",
+                 "expected input", "Expected input", "input.size", "dimension",
+                 "expected scalar type", "same dtype", "Input type")
+
+
+def _first_input_layer(model: Any) -> tuple[str, Any] | None:
+    for name, module in model.named_modules():
+        if any(hasattr(module, a) for a in ("in_features", "in_channels", "num_embeddings")):
+            return name, module
+    return None
+
+
+@contextlib.contextmanager
+def inputs_in_user_terms(model: Any, x: Any, name: str = "x") -> Iterator[None]:
+    """Turn a shape or dtype error of the network's forward into an InputError that
+    names the user's argument, its shape and dtype, and what the model expects (read
+    off its first Linear, Conv or Embedding when it has one)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        message = str(exc)
+        if model is None or not any(p in message for p in _SHAPE_ERRORS):
+            raise
+        got = (f"`{name}` has shape {list(x.shape)} and dtype {x.dtype}"
+               if isinstance(x, torch.Tensor) else f"`{name}` is {type(x).__name__}")
+        first = _first_input_layer(model)
+        if first is None:
+            expects = "the network's forward rejected it"
+        else:
+            layer, module = first
+            if hasattr(module, "in_features"):
+                expects = (f"the model's first layer {layer!r} expects {module.in_features} "
+                           "input features in the last dimension")
+            elif hasattr(module, "in_channels"):
+                expects = (f"the model's first layer {layer!r} expects {module.in_channels} "
+                           "input channels in dimension 1")
+            else:
+                expects = (f"the model's first layer {layer!r} is an embedding that expects "
+                           "integer indices")
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor) \
+                    and x.is_floating_point() and x.dtype != weight.dtype:
+                expects += f", in {weight.dtype}"
+        raise InputError(f"{got}, but {expects} ({message.splitlines()[0]})") from exc

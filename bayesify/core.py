@@ -1,42 +1,52 @@
 """`bayesify()`, the :class:`BayesianModel` base class and the method registry.
 
 A method is one subclass of :class:`BayesianModel` in ``bayesify/inference/``,
-registered under its name with :func:`register_method`. The base class owns
-everything methods share: turning user data into batches on the model's device and
-dtype, the training loop with its progress bar, batched prediction, the fitted flag and
-checkpoints. A method supplies three things:
+registered under its name with :func:`register_method`. The base class owns everything
+methods share: turning user data into batches on the model's device and dtype, the fit
+strategies (:mod:`bayesify.fitting`), batched prediction through the likelihood, the
+fitted flag and checkpoints (:mod:`bayesify.checkpoint`). A method supplies:
 
-* ``forward(x)``: the point prediction (logits [N, C] or mean [N, D]), so the wrapped
-  model still drops into old code;
+* ``forward(x)``: the point prediction (logits [N, C] or mean [N] / [N, D]), so the
+  wrapped model still drops into old code;
 * ``loss(x, y)``: its training objective for one batch (a scalar);
-* ``_predict_batch(x, num_samples, generator)``: a :class:`~bayesify.predictive.Predictive`
-  for one batch of inputs.
+* ``_posterior(x, num_samples, generator)``: a :class:`~bayesify.posterior.Posterior`
+  over the latent outputs at inputs x [N, ...], differentiable in x;
+* ``self.likelihood``: a :mod:`~bayesify.likelihoods` object mapping that posterior to a
+  Predictive (categorical for classification by default);
 
-and may override the hooks ``configure_optimizer``, ``training_step``,
-``on_fit_start``, ``on_fit_end`` or ``fit`` itself (closed-form and MCMC methods).
+and may name another fit strategy (``fit_strategy``) or override the gradient loop's
+hooks (``training_batches``, ``on_fit_start``, ``configure_optimizer``,
+``training_loss``, ``training_step``, ``on_fit_end``). ``predict``, ``fit``, ``save``
+and ``load`` are never overridden.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import copy
 import importlib
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from bayesify._batching import iter_inputs, make_train_batches
-from bayesify._validation import (
-    check_choice,
-    check_positive_float,
-    check_positive_int,
+from bayesify._batching import iter_inputs, to_inputs
+from bayesify._fitting_mixin import FittingMixin
+from bayesify._runtime import (
+    check_outputs,
+    make_generator,
+    preserve_training_flags,
+    with_offsets,
 )
+from bayesify._validation import check_choice, check_positive_int, inputs_in_user_terms
+from bayesify.checkpoint import load_checkpoint, save_checkpoint
 from bayesify.errors import InputError, NotFittedError
+from bayesify.fitting import FitPlan
+from bayesify.likelihoods import CategoricalLikelihood, Likelihood
+from bayesify.posterior import Posterior, reshape_points
 from bayesify.predictive import Predictive
 
 __all__ = [
@@ -106,30 +116,11 @@ def available_methods(task: str | None = None) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def preserve_training_flags(module: nn.Module) -> Iterator[None]:
-    """Restore every submodule's ``training`` flag on exit, also when the body raises."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    return generator
-
-
-class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
+class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
     """Base class of every method: a wrapped network with a posterior and a predictive.
 
     Args:
-        model: the user's network (kept, not copied; see ``bayesify(copy=True)``).
+        model: the user's network (kept, not copied; see ``bayesify(copy_model=True)``).
         task: ``"classification"`` or ``"regression"``.
         n_data: N, the training-set size that weights the prior (VBLL's 1/N
             regularizer, IVON's ess, the KL weight of VI). Inferred from the training
@@ -141,12 +132,12 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
     #: The number of posterior samples ``predict`` draws by default; ``None`` for
     #: methods whose predictive is closed form.
     default_num_samples: ClassVar[int | None] = None
-    default_epochs: ClassVar[int] = 10
-    default_lr: ClassVar[float] = 1e-3
-    default_batch_size: ClassVar[int] = 128
     #: Whether a freshly wrapped model can predict before ``fit`` (its weights are the
     #: posterior already, as for a pretrained deterministic classifier).
     fitted_at_init: ClassVar[bool] = False
+    #: Whether ``_posterior`` computes covariances jointly over the points of a block
+    #: (``posterior(x, joint=True)``); otherwise blocks are independent per point.
+    supports_joint: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | None, task: str, *, n_data: int | None = None):
         super().__init__()
@@ -160,8 +151,12 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
         self.task = task
         self.n_data = None if n_data is None else check_positive_int(n_data, "n_data")
         self.register_buffer("_fitted", torch.tensor(self.fitted_at_init))
-        #: Per-epoch mean training loss of the last ``fit``.
+        #: Maps ``posterior(x)`` to a Predictive; regression methods set their own.
+        self.likelihood: Likelihood = CategoricalLikelihood()
+        #: Per-epoch mean training loss of the last gradient ``fit``.
         self.history: list[float] = []
+        #: What the last gradient ``fit`` planned (epochs, steps), for schedules.
+        self.fit_plan: FitPlan | None = None
         self._grad_clip: float | None = None
 
     # ------------------------------------------------------------------ properties
@@ -191,7 +186,7 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
 
     @property
     def is_fitted(self) -> bool:
-        """Whether the posterior exists (after ``fit`` or a loaded checkpoint)."""
+        """Whether the posterior exists (after ``fit``, ``finish_fit`` or ``load``)."""
         return bool(self._fitted)
 
     def _mark_fitted(self, value: bool = True) -> None:
@@ -201,19 +196,8 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
         if not self.is_fitted:
             raise NotFittedError(
                 f"this {type(self).__name__} is not fitted yet; call .fit(train) before "
-                f".{action}()"
-            )
-
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]] | None:
-        """How ``bayesify report`` runs this method on a pretrained MLP.
-
-        Returns ``{"options": {...}, "fit": {...}}``: keyword options for
-        ``bayesify(...)`` and for ``fit(...)`` (``"fit": None`` skips fitting), or
-        ``None`` when the report should leave this method out for ``task``. Methods
-        override it with settings that suit the small embedded data sets.
-        """
-        return {"options": {}, "fit": {}}
+                f".{action}(), or .finish_fit() after training it in your own loop with "
+                ".loss(x, y)")
 
     # ---------------------------------------------------------------- the contract
 
@@ -226,110 +210,53 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
         """The method's training objective for one batch (a scalar to minimize)."""
 
     @abc.abstractmethod
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
-        """The predictive for one batch of inputs x [B, ...]."""
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> Posterior:
+        """The posterior over latent outputs at inputs x [N, ...] (already on the
+        model's device and dtype); with ``supports_joint``, x may be [b, q, ...]."""
 
-    # -------------------------------------------------------------------- training
+    # -------------------------------------------------------------------- posterior
 
-    def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """The optimizer ``fit`` uses when none is given: AdamW on trainable parameters."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise InputError(f"{type(self).__name__} has no trainable parameters to fit")
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    def posterior(self, x: Any, *, num_samples: int | None = None,
+                  generator: torch.Generator | None = None, seed: int | None = None,
+                  joint: bool = False) -> Posterior:
+        """The posterior over the network's latent outputs f at inputs ``x``.
 
-    def on_fit_start(self, batches: Any) -> None:
-        """Hook: called once before the first epoch with the training batches."""
-
-    def on_fit_end(self) -> None:
-        """Hook: called once after the last epoch."""
-
-    def training_step(self, x: torch.Tensor, y: torch.Tensor,
-                      optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """One optimization step on a batch; returns the detached loss."""
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x, y)
-        loss.backward()
-        if self._grad_clip is not None:
-            nn.utils.clip_grad_norm_(
-                [p for p in self.parameters() if p.grad is not None], self._grad_clip
-            )
-        optimizer.step()
-        return loss.detach()
-
-    def fit(
-        self,
-        train: Any,
-        *,
-        epochs: int | None = None,
-        lr: float | None = None,
-        batch_size: int | None = None,
-        weight_decay: float = 0.0,
-        optimizer: torch.optim.Optimizer | None = None,
-        grad_clip: float | None = None,
-        progress: bool = True,
-        seed: int | None = None,
-    ) -> BayesianModel:
-        """Train the method's posterior on ``train``.
+        Differentiable in ``x`` (no ``no_grad`` inside), so an acquisition function can
+        be optimized through it. ``predict`` is ``likelihood(posterior(x))`` in batches.
 
         Args:
-            train: a DataLoader yielding ``(x, y)``, or a pair ``(X, y)`` of tensors or
-                arrays: X [N, ...], y [N] (labels or targets) or [N, D] (targets).
-            epochs: passes over the data (the method's default when ``None``).
-            lr: learning rate of the default optimizer.
-            batch_size: rows per batch for in-memory data.
-            weight_decay: weight decay of the default optimizer.
-            optimizer: an optimizer over this model's parameters to use instead.
-            grad_clip: clip the gradient norm to this value before each step.
-            progress: show a progress bar over epochs.
-            seed: seeds the shuffling (and the method's sampling) for repeatable runs.
+            x: inputs [N, ...] (a tensor keeps its autograd graph); with ``joint=True``,
+                blocks [b, q, ...] whose q points get a joint posterior.
+            num_samples: S, draws of a sampling method (its default when ``None``).
+            generator: source of the draws; ``seed`` makes one.
+            joint: return the covariance jointly over the points of each block where the
+                method has it (VBLL, GP regression); the draws of sampling methods are
+                joint anyway.
 
         Returns:
-            ``self``, fitted.
+            A :class:`~bayesify.posterior.SampledPosterior` with samples [S, N, K]
+            ([S, b, q, K] for blocks) or a :class:`~bayesify.posterior.GaussianPosterior`
+            with mean [N, K] ([b, q, K]); K is the raw output width (C logits, D means,
+            2·D for heteroscedastic regression).
         """
-        epochs = check_positive_int(self.default_epochs if epochs is None else epochs,
-                                    "epochs")
-        lr = check_positive_float(self.default_lr if lr is None else lr, "lr")
-        batch_size = check_positive_int(
-            self.default_batch_size if batch_size is None else batch_size, "batch_size")
-        check_positive_float(weight_decay, "weight_decay", allow_zero=True)
-        self._grad_clip = None if grad_clip is None else check_positive_float(grad_clip,
-                                                                              "grad_clip")
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        generator = _make_generator(seed, torch.device("cpu"))
-        batches = make_train_batches(train, task=self.task, dtype=self.dtype,
-                                     device=self.device, batch_size=batch_size,
-                                     generator=generator)
-        if batches.num_rows == 0 and not len(batches):
-            raise InputError("`train` is empty; pass at least one training example")
-        if self.n_data is None:
-            self.n_data = batches.num_rows or None
-        self.on_fit_start(batches)
-        if optimizer is None:
-            optimizer = self.configure_optimizer(lr, weight_decay)
-        self.history = []
-        self.train()
-        bar = tqdm(range(epochs), desc=f"fit {self.method_name or type(self).__name__}",
-                   disable=not progress, leave=False)
-        try:
-            for _ in bar:
-                total = torch.zeros((), dtype=torch.float64, device=self.device)
-                count = 0
-                for x, y in batches:
-                    total += self.training_step(x, y, optimizer).double()
-                    count += 1
-                if count == 0:
-                    raise InputError("`train` yielded no batches; pass at least one example")
-                epoch_loss = float(total) / count
-                self.history.append(epoch_loss)
-                bar.set_postfix(loss=f"{epoch_loss:.4g}")
-        finally:
-            self.eval()
-        self.on_fit_end()
-        self._mark_fitted()
-        return self
+        self._check_fitted("posterior")
+        if num_samples is None:
+            num_samples = self.default_num_samples
+        if num_samples is not None:
+            num_samples = check_positive_int(num_samples, "num_samples")
+        if generator is None:
+            generator = make_generator(seed, self.device)
+        x = to_inputs(x, "x", dtype=self.dtype, device=self.device)
+        if joint and x.dim() < 3:
+            raise InputError("with joint=True, `x` must be blocks [b, q, ...] of q points, "
+                             f"got shape {list(x.shape)}")
+        with inputs_in_user_terms(self.model, x):
+            if not joint or self.supports_joint:
+                return self._posterior(x, num_samples, generator)
+            blocks = x.shape[:2]
+            flat = self._posterior(x.reshape(-1, *x.shape[2:]), num_samples, generator)
+        return reshape_points(flat, blocks)
 
     # ------------------------------------------------------------------ prediction
 
@@ -342,12 +269,12 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
         batch_size: int = 1024,
         seed: int | None = None,
     ) -> Predictive:
-        """The predictive distribution at inputs ``x``.
+        """The predictive distribution at inputs ``x``: ``likelihood(posterior(x))``.
 
         Args:
             x: inputs [N, ...] as a tensor or array, or a DataLoader yielding x or (x, y).
             num_samples: posterior samples for sampling methods (method default when
-                ``None``; ignored by closed-form methods).
+                ``None``); logit draws of a Gaussian posterior under the MC likelihood.
             batch_size: inputs per internal batch.
             seed: makes the sampling repeatable.
 
@@ -356,36 +283,43 @@ class BayesianModel(nn.Module, metaclass=abc.ABCMeta):
             MixturePredictive (regression) over the N inputs, on the model's device.
         """
         self._check_fitted("predict")
-        if num_samples is None:
-            num_samples = self.default_num_samples
         if num_samples is not None:
             num_samples = check_positive_int(num_samples, "num_samples")
-        generator = _make_generator(seed, self.device)
+        generator = make_generator(seed, self.device)
+        batch_size = check_positive_int(batch_size, "batch_size")
         outputs = []
         with preserve_training_flags(self):
             self.eval()
-            for xb in iter_inputs(x, dtype=self.dtype, device=self.device,
-                                  batch_size=batch_size):
-                outputs.append(self._predict_batch(xb, num_samples, generator))
+            for start, xb in with_offsets(iter_inputs(x, dtype=self.dtype, device=self.device,
+                                                       batch_size=batch_size)):
+                posterior = self.posterior(xb, num_samples=num_samples, generator=generator)
+                check_outputs(posterior, start, first=not outputs, task=self.task)
+                outputs.append(self.likelihood(posterior, num_samples=num_samples,
+                                               generator=generator))
         return type(outputs[0]).cat(outputs) if len(outputs) > 1 else outputs[0]
 
     # ----------------------------------------------------------------- checkpoints
 
-    def save(self, path: str) -> None:
-        """Save the fitted state (a state_dict, loadable with ``weights_only=True``)."""
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the fitted state to ``path`` (atomically; loadable with
+        ``weights_only=True``)."""
         self._check_fitted("save")
-        torch.save({"method": self.method_name, "task": self.task,
-                    "n_data": self.n_data, "state_dict": self.state_dict()}, path)
+        save_checkpoint(self, path)
 
-    def load(self, path: str) -> BayesianModel:
-        """Load a checkpoint written by :meth:`save` into this (same-structure) model."""
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
-        if checkpoint.get("method") != self.method_name:
-            raise InputError(f"`path` holds a {checkpoint.get('method')!r} checkpoint, "
-                             f"but this model is {self.method_name!r}")
-        self.n_data = checkpoint.get("n_data")
-        self.load_state_dict(checkpoint["state_dict"])
+    def load(self, path: str | os.PathLike) -> BayesianModel:
+        """Load a checkpoint written by :meth:`save` into this model (wrapped the same
+        way). Everything is checked first: a failed load raises
+        :class:`~bayesify.errors.CheckpointError` and leaves the model as it was."""
+        load_checkpoint(self, path)
         return self
+
+    def _modules_for_state(self, state_dict: dict[str, Any]) -> dict[str, nn.Module]:
+        """Hook: submodules that exist only after ``fit``, built (not attached) to match
+        a checkpoint's ``state_dict``; attached by ``load`` once the file is checked."""
+        return {}
+
+    def _check_extra_state(self, state_dict: dict[str, Any]) -> None:
+        """Hook: check a checkpoint's non-tensor ``get_extra_state`` before loading."""
 
     def extra_repr(self) -> str:
         return f"task={self.task!r}, n_data={self.n_data}, fitted={self.is_fitted}"

@@ -9,10 +9,13 @@ from __future__ import annotations
 __all__ = [
     "BayesifyError",
     "BayesifyWarning",
+    "CheckpointError",
     "InputError",
     "JitterWarning",
     "NotFittedError",
     "NotPSDError",
+    "NumericalError",
+    "TrainingDivergedError",
     "UnsupportedModelError",
 ]
 
@@ -35,6 +38,21 @@ class NotFittedError(BayesifyError, RuntimeError):
 
 class NotPSDError(BayesifyError, RuntimeError):
     """A matrix that must be positive definite is not, even after adding jitter."""
+
+
+class TrainingDivergedError(BayesifyError, FloatingPointError):
+    """A training loss or gradient turned NaN or infinite (the message names the epoch,
+    the step and the fix)."""
+
+
+class NumericalError(BayesifyError, FloatingPointError):
+    """A computation produced NaN or inf that the user's inputs do not explain (the
+    message says where, and the likely cause)."""
+
+
+class CheckpointError(BayesifyError, ValueError):
+    """A checkpoint file cannot be loaded into this model (the message says what the
+    file holds and what was expected); the model is left as it was."""
 
 
 class BayesifyWarning(UserWarning):

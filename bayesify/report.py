@@ -3,7 +3,7 @@ tabulate calibration, OOD and interval quality side by side.
 
 Every method starts from the same pretrained network (the deterministic row *is* that
 network), so differences in the table come from the method, not from the training run.
-Each method runs with the settings of its ``report_settings(task)``. Beside each method a
+Each method runs with the settings of :mod:`bayesify.report_settings`. Beside each method a
 recalibrated row (temperature scaling for classifiers, variance scaling for regressors,
 fitted on the validation split) shows what post-hoc calibration adds, and conformal
 coverage/size columns show what a split-conformal wrapper guarantees.
@@ -24,10 +24,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bayesify import calibration, ood
-from bayesify.core import BayesianModel, available_methods, bayesify, get_method
+from bayesify.core import BayesianModel, available_methods, bayesify
 from bayesify.data import ClassificationData, RegressionData, load
 from bayesify.errors import InputError
 from bayesify.predictive import CategoricalPredictive, Predictive
+from bayesify.report_settings import report_settings
 
 __all__ = ["ReportRow", "format_table", "run_report"]
 
@@ -91,7 +92,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def _wrap_and_fit(method: str, base: nn.Module, task: str, train: tuple, seed: int
                   ) -> tuple[BayesianModel, float]:
-    settings = get_method(method).report_settings(task)
+    settings = report_settings(method, task)
     bm = bayesify(copy.deepcopy(base), method, task=task, **settings.get("options", {}))
     fit_args = settings.get("fit", {})
     if fit_args is None:
@@ -180,7 +181,7 @@ def run_task(name: str, methods: Sequence[str] | None, *, seed: int = 0, epochs:
     d = load(name, seed=seed)
     task = d.task
     usable = [m for m in available_methods(task)
-              if get_method(m).report_settings(task) is not None]
+              if report_settings(m, task) is not None]
     wanted = usable if methods is None else [m for m in methods if m in usable]
     if not wanted:
         raise InputError(f"`methods` has none usable for {name} ({task}); "

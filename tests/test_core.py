@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bayesify as bf
 from bayesify.core import preserve_training_flags
+from bayesify.posterior import GaussianPosterior
 
 
 def mlp(d_in: int = 3, d_out: int = 4, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -192,8 +193,8 @@ def test_a_user_registered_method_is_found_by_name():
         def loss(self, x, y):
             return torch.zeros(())
 
-        def _predict_batch(self, x, num_samples, generator):
-            return bf.CategoricalPredictive(torch.full((x.shape[0], 2), 0.5))
+        def _posterior(self, x, num_samples, generator):
+            return GaussianPosterior(torch.zeros(x.shape[0], 2))
 
     bm = bf.bayesify(None, "test_only_constant", task="classification")
     assert torch.equal(bm.predict(torch.ones(3, 1)).probs, torch.full((3, 2), 0.5))
@@ -255,7 +256,7 @@ X_NAN[3, 1] = float("nan")
         (lambda: _classifier().fit((X, Y + 10), epochs=1, progress=False), "`y` must be < 4"),
         (lambda: _classifier().fit((X, Y - 1), progress=False), "`y` must be >= 0"),
         (lambda: _classifier().fit((X, Y + 0.5), progress=False), "integer class labels"),
-        (lambda: _classifier().fit((X, Y), epochs=0, progress=False), "`epochs` must be"),
+        (lambda: _classifier().fit((X, Y), epochs=-1, progress=False), "`epochs` must be"),
         (lambda: _classifier().fit((X, Y), lr=-1, progress=False), "`lr` must be > 0"),
         (lambda: _classifier().fit((X, Y), batch_size=0, progress=False), "`batch_size`"),
         (lambda: _classifier().fit((X, Y), grad_clip=0, progress=False), "`grad_clip`"),
@@ -292,7 +293,7 @@ def test_loading_another_methods_checkpoint_is_refused(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["method"] = "vbll"
     torch.save(checkpoint, path)
-    with pytest.raises(bf.InputError, match="holds a 'vbll' checkpoint"):
+    with pytest.raises(bf.CheckpointError, match="holds a checkpoint of method 'vbll'"):
         _classifier().load(str(path))
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bayesify import BayesifyError
-from bayesify.inference.ivon import IVON, hessian_update, ivon_mean_update, price_hessian
+from bayesify.optim.ivon import IVON, hessian_update, ivon_mean_update, price_hessian
 
 
 def _quadratic(dtype: torch.dtype):

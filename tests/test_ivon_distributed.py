@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bayesify.inference.ivon import IVON
+from bayesify.optim.ivon import IVON
 
 WORLD = 2
 STEPS = 40

@@ -358,6 +358,12 @@ class VarianceScaling(_Recalibrator):
         pred = pred.to(dtype=torch.float64)
         target = pred._target(y).detach()
         scale = gaussian_std_scale(pred.mean, pred.variance, target)
+        if not scale > 0:
+            raise InputError(
+                "`y` equals the predictive mean at every point (all residuals are exactly "
+                "zero), so the maximum-likelihood variance scale is 0 and would collapse the "
+                "predictive; fit VarianceScaling on held-out data the model did not fit "
+                "exactly")
         if isinstance(pred, MixturePredictive):
             log_scale = torch.tensor(np.log(max(scale, 1e-12)), dtype=torch.float64,
                                      device=target.device).requires_grad_()

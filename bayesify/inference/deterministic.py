@@ -10,14 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bayesify._validation import check_labels
 from bayesify.core import BayesianModel, register_method
 from bayesify.errors import InputError
-from bayesify.likelihoods import GaussianNoise, infer_output_width, regression_targets
-from bayesify.predictive import CategoricalPredictive, GaussianPredictive, Predictive
+from bayesify.likelihoods import (
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    GaussianNoise,
+    infer_output_width,
+    regression_targets,
+)
+from bayesify.posterior import GaussianPosterior
 
 __all__ = ["DeterministicModel", "NetworkLikelihoodMixin"]
 
@@ -25,9 +29,10 @@ __all__ = ["DeterministicModel", "NetworkLikelihoodMixin"]
 class NetworkLikelihoodMixin:
     """Likelihood plumbing shared by methods whose network outputs logits or means.
 
-    Sets up ``self.noise`` for regression (needs ``self.model``, ``self.task``) and
-    provides the per-batch negative log likelihood, the point prediction, and the
-    residual-based initialization of the noise at the start of training.
+    Sets up ``self.noise`` and the Gaussian likelihood for regression (needs
+    ``self.model``, ``self.task``) and provides the per-batch negative log likelihood,
+    the point prediction, and the residual-based initialization of the noise at the
+    start of training.
     """
 
     model: nn.Module
@@ -35,6 +40,7 @@ class NetworkLikelihoodMixin:
     noise: GaussianNoise | None
 
     def _init_likelihood(self, noise: Any, num_outputs: int | None) -> None:
+        """Set ``self.noise`` and ``self.likelihood`` (call before converting layers)."""
         self.noise = None
         if self.task == "regression":
             width = num_outputs
@@ -50,16 +56,14 @@ class NetworkLikelihoodMixin:
                             f"then raw noise scales); its last layer has {width}"
                         )
                     width //= 2
-            self.noise = GaussianNoise(noise, num_outputs=width)
+            self.noise = GaussianNoise(noise, num_outputs=width, dtype=self.dtype,
+                                       device=self.device)
+            self.likelihood = GaussianLikelihood(self.noise.split)
 
     def _nll(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean negative log likelihood of a batch from raw network output [B, K]."""
         if self.task == "classification":
-            if output.dim() != 2:
-                raise InputError(
-                    f"a classifier must output logits [N, C], got {list(output.shape)}")
-            return F.cross_entropy(output, check_labels(y, "y", output.shape[1]))
-        self.noise.check_output(output)
+            return CategoricalLikelihood.nll(output, y)
         return self.noise.nll(output, y)
 
     def _point(self, output: torch.Tensor) -> torch.Tensor:
@@ -68,10 +72,6 @@ class NetworkLikelihoodMixin:
             return output
         mean, _ = self.noise.split(output)
         return mean[..., 0] if self.noise.num_outputs == 1 else mean
-
-    def _squeeze(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Drop the output axis of [..., N, 1] regression tensors."""
-        return tensor[..., 0] if self.noise.num_outputs == 1 else tensor
 
     @torch.no_grad()
     def _initialize_noise(self, batches: Any) -> None:
@@ -124,12 +124,7 @@ class DeterministicModel(NetworkLikelihoodMixin, BayesianModel):
         if not self.is_fitted:
             self._initialize_noise(batches)
 
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
-        output = self.model(x)
-        if self.task == "classification":
-            return CategoricalPredictive.from_logits(output)
-        self.noise.check_output(output)
-        mean, variance = self.noise.split(output)
-        mean, variance = self._squeeze(mean), self._squeeze(variance)
-        return GaussianPredictive(mean, variance, aleatoric_variance=variance)
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> GaussianPosterior:
+        """A point mass at the network's output [N, K]."""
+        return GaussianPosterior(self.model(x))

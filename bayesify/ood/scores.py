@@ -35,8 +35,12 @@ BUILTIN_KINDS = _CLASSIFICATION_KINDS + _REGRESSION_KINDS
 
 
 def energy_score(logits: torch.Tensor) -> torch.Tensor:
-    """Free energy -logsumexp_c logits [N, C] -> [N]; higher means more OOD."""
-    return -torch.logsumexp(logits, dim=-1)
+    """Free energy -logsumexp_c logits [N, C] -> [N]; higher means more OOD.
+
+    Raises:
+        InputError: ``logits`` is not [N, C] or holds NaN or inf.
+    """
+    return -torch.logsumexp(as_tensor(logits, "logits", ndim=2), dim=-1)
 
 
 def _available(pred: Predictive) -> str:

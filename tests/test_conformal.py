@@ -259,7 +259,7 @@ def test_bad_input_raises_bayesify_errors():
     with pytest.raises(BayesifyError, match="`score` must be one of"):
         SplitConformalRegressor(score="cdf")
     with pytest.raises(BayesifyError, match="`score` must be one of"):
-        ConformalClassifier(score="raps")
+        ConformalClassifier(score="rank")
     with pytest.raises(BayesifyError, match="`model` must be a BayesianModel"):
         SplitConformalRegressor(model=object())
     with pytest.raises(BayesifyError, match="regression predictive for the 'normalized'"):

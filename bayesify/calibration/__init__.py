@@ -7,12 +7,15 @@
 
 from bayesify.calibration._recalibrated import RecalibratedPredictive
 from bayesify.calibration.conformal import (
+    AdaptiveConformal,
     ConformalClassifier,
+    DomainClassifierWeights,
     SplitConformalRegressor,
     conformal_quantile,
     conformal_rank,
     mean_set_size,
     set_coverage,
+    weighted_conformal_quantile,
 )
 from bayesify.calibration.evaluate import EvaluationReport, evaluate
 from bayesify.calibration.isotonic import IsotonicRecalibration
@@ -60,7 +63,9 @@ __all__ = [
     "regression_calibration_error",
     "rmse",
     # recalibration, conformal prediction, plots
+    "AdaptiveConformal",
     "ConformalClassifier",
+    "DomainClassifierWeights",
     "IsotonicRecalibration",
     "RecalibratedPredictive",
     "SplitConformalRegressor",
@@ -75,4 +80,5 @@ __all__ = [
     "observed_coverage",
     "reliability_diagram",
     "set_coverage",
+    "weighted_conformal_quantile",
 ]

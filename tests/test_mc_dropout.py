@@ -1,4 +1,6 @@
-"""MC dropout: sampling semantics, the batched fast path, insertion, likelihoods, errors."""
+"""MC dropout: sampling semantics, insertion (and timm's functional drop_rate), the
+fast path's fallback, likelihoods, training (fit and your own loop), errors. The fast
+path's exactness and the dropout types are in test_mc_dropout_sampling.py."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import torch
 from torch import nn
 
 import bayesify as bf
-from bayesify.errors import BayesifyError, BayesifyWarning, NotFittedError, UnsupportedModelError
-from bayesify.inference.mc_dropout import (
-    MCDropoutModel,
-    foldable_dropout,
-    split_at_first_dropout,
+from bayesify.errors import (
+    BayesifyError,
+    BayesifyWarning,
+    NotFittedError,
+    UnsupportedModelError,
 )
-from bayesify.layers.dropout import DROPOUT_TYPES, find_dropout, sample_dropout
+from bayesify.inference.mc_dropout import MCDropoutModel
+from bayesify.layers.dropout import find_dropout
 from bayesify.predictive import CategoricalPredictive, MixturePredictive
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -32,46 +35,6 @@ def mlp(d_in: int = 5, width: int = 16, d_out: int = 3, *, bn: bool = False,
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(width, d_out))
     return nn.Sequential(*layers)
-
-
-class Headed(nn.Module):
-    """Not a Sequential: the fast path has to work through the dropout hook alone."""
-
-    def __init__(self, d_in: int = 5, d_out: int = 3):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(d_in, 16), nn.ReLU())
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(16, d_out)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.drop(self.body(x))))
-
-
-class Residual(nn.Module):
-    """A skip connection from before the dropout: rows of different samples meet."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(5, 8)
-        self.f = nn.Linear(8, 8)
-        self.drop = nn.Dropout(0.3)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        return self.out(h + self.drop(self.f(h)))
-
-
-class TwoBranches(nn.Module):
-    """A second dropout on a branch that bypasses the first one."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
-        self.da, self.db = nn.Dropout(0.4), nn.Dropout(0.4)
-
-    def forward(self, x):
-        return self.da(self.a(x)) + self.db(self.b(x))
 
 
 def wrap(net, task="classification", dtype=torch.float32, **options):
@@ -141,175 +104,6 @@ def test_flags_and_hooks_restored_when_forward_raises(fast_path):
     with pytest.raises(RuntimeError, match="boom inside the forward"):
         bm.sample_outputs(torch.randn(4, 5), 3)
     assert [m.training for m in net.modules()] == flags
-
-
-# --------------------------------------------------------------------- fast path
-
-
-def _models():
-    nested = nn.Sequential(nn.Sequential(nn.Linear(5, 16), nn.ReLU()),
-                           nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.3),
-                                         nn.Linear(16, 16), nn.Dropout(0.2),
-                                         nn.Linear(16, 3)))
-    at_input = nn.Sequential(nn.Dropout(0.2), nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
-    return {"nested": nested, "module": Headed(), "at_input": at_input,
-            "inserted": mlp()}
-
-
-@pytest.mark.parametrize("name", ["nested", "module", "at_input", "inserted"])
-@pytest.mark.parametrize("max_batch_rows", [10_000, 25])
-def test_fast_path_equals_naive_loop(name, max_batch_rows, dtype):
-    net = _models()[name]
-    options = {"layers": 2} if name == "inserted" else {}
-    fast = wrap(net, dtype=dtype, max_batch_rows=max_batch_rows, **options)
-    x = torch.randn(7, 5, dtype=dtype)
-    got = fast.predict(x, num_samples=12, seed=5)
-    fast.fast_path = False
-    want = fast.predict(x, num_samples=12, seed=5)
-    # Same seed, same masks: the two paths differ only by matmul rounding.
-    torch.testing.assert_close(got.sample_probs, want.sample_probs, atol=TOL[dtype], rtol=0)
-
-
-@pytest.mark.parametrize("folded", [False, True])
-def test_fast_path_runs_prefix_once_and_suffix_batched(folded):
-    # Dropout -> Linear is folded into stacked weights; Dropout -> Tanh is replicated.
-    after = nn.Linear(16, 8) if folded else nn.Tanh()
-    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.Dropout(0.3),
-                        after, nn.Tanh(), nn.Linear(16 if not folded else 8, 3))
-    prefix_calls, suffix_rows = [], []
-    net[0].register_forward_hook(lambda m, a, o: prefix_calls.append(1))
-    net[5].register_forward_hook(lambda m, a, o: suffix_rows.append(a[0].shape[0]))
-    bm = wrap(net, max_batch_rows=40)
-    bm.predict(torch.randn(10, 5), num_samples=9)
-    assert len(prefix_calls) == 1  # once, although the samples come in 3 chunks
-    assert suffix_rows == [40, 40, 10]
-    prefix, suffix = split_at_first_dropout(net, [net[3]])
-    assert prefix == [net[0], net[1], net[2]] and suffix == [net[3], *net[4:]]
-    got = foldable_dropout(suffix, torch.zeros(10, 16))
-    assert got == ((net[3], net[4], [net[5], net[6]]) if folded else None)
-    # Folding pays only while the stacked weights [S*out, in] are no larger than the
-    # replicated inputs [S*N, in].
-    assert foldable_dropout(suffix, torch.zeros(7, 16)) is None
-
-
-def _fold_models():
-    head = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
-    deep = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 8),
-                         nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
-    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3),
-                         nn.Linear(64, 3))
-    not_linear = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.3), nn.Tanh(),
-                               nn.Linear(16, 3))
-    return {"head": (head, True), "deep": (deep, True), "conv": (conv, True),
-            "inserted": (mlp(), True), "not_linear": (not_linear, False)}
-
-
-@pytest.mark.parametrize("name", ["head", "deep", "conv", "inserted", "not_linear"])
-@pytest.mark.parametrize("max_batch_rows", [10_000, 50])
-def test_folded_dropout_linear_equals_loop_exactly(name, max_batch_rows):
-    net, folds = _fold_models()[name]
-    net = net.double()
-    bm = wrap(net, dtype=torch.float64, max_batch_rows=max_batch_rows,
-              **({"layers": 2} if name == "inserted" else {}))
-    x = torch.randn(20, *((1, 6, 6) if name == "conv" else (5,)), dtype=torch.float64)
-    dropout = [m for _, m in find_dropout(net)]
-    prefix, suffix = split_at_first_dropout(net, dropout)
-    with torch.no_grad():
-        hidden = net.eval()[:len(prefix)](x) if prefix else x
-    assert (foldable_dropout(suffix, hidden) is not None) == folds
-    with torch.no_grad():
-        got = bm.sample_outputs(x, 12, torch.Generator().manual_seed(5))
-        bm.fast_path = False
-        want = bm.sample_outputs(x, 12, torch.Generator().manual_seed(5))
-    # Same seed, same masks: masked weights or masked inputs differ by rounding only.
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    assert not torch.allclose(got[0], got[1])
-
-
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_one_mask_per_sample_shared_by_all_inputs(fast_path):
-    # Identity weights: output unit j is zero exactly when input unit j was dropped.
-    lin = nn.Linear(6, 6, bias=False)
-    lin.weight.data.copy_(torch.eye(6))
-    net = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), lin).double()
-    net[0].weight.data.copy_(torch.eye(6))
-    net[0].bias.data.fill_(1.0)
-    bm = wrap(net, "regression", dtype=torch.float64, noise=0.1, fast_path=fast_path)
-    x = torch.rand(10, 6, dtype=torch.float64)  # inputs + 1 > 0: no zero but dropped ones
-    with torch.no_grad():
-        out = bm.sample_outputs(x, 200, torch.Generator().manual_seed(0))
-    dropped = out == 0
-    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))  # shared over inputs
-    # One network per sample: kept units are scaled by 1 / (1 - p) for every input.
-    torch.testing.assert_close(out, dropped.logical_not() * 2 * (x + 1), atol=1e-12, rtol=0)
-    rate = float(dropped[:, 0].double().mean())  # over 200 samples x 6 units
-    assert abs(rate - 0.5) < 4 * math.sqrt(0.25 / 1200)
-
-
-def test_fast_path_non_sequential_chunks_and_one_call_per_chunk():
-    net = Headed()
-    body_calls = []
-    net.body.register_forward_hook(lambda m, a, o: body_calls.append(o.shape[0]))
-    bm = wrap(net, max_batch_rows=10_000)
-    bm.predict(torch.randn(10, 5), num_samples=64)
-    assert body_calls == [10]
-
-
-@pytest.mark.parametrize("net_cls, n", [(Residual, 6), (TwoBranches, 1)])
-def test_fast_path_falls_back_when_rows_mix(net_cls, n):
-    torch.manual_seed(1)
-    bm = wrap(net_cls())
-    x = torch.randn(n, 5)
-    with pytest.warns(BayesifyWarning, match="fell back to one forward pass per sample"):
-        got = bm.predict(x, num_samples=6, seed=2)
-    bm.fast_path = False
-    want = bm.predict(x, num_samples=6, seed=2)
-    torch.testing.assert_close(got.sample_probs, want.sample_probs, atol=1e-6, rtol=0)
-    # Every sample of the second branch has its own mask (no shared masks via broadcast).
-    assert len({tuple(p.flatten().tolist()) for p in got.sample_probs}) == 6
-
-
-def test_shared_masks_keep_each_inputs_predictive(device):
-    """Masks shared over inputs change no input's marginal: torch's own train-mode
-    dropout (a fresh mask per input) gives the same predictive, within Monte Carlo error."""
-    torch.manual_seed(0)
-    net = mlp(width=8, dropout=0.5).to(device)
-    bm = bf.bayesify(net, "mc_dropout", task="classification")
-    x = torch.randn(5, 5, device=device)
-    ours = bm.predict(x, num_samples=4000, seed=1)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        theirs = torch.stack([torch.softmax(net.train()(x), -1) for _ in range(4000)])
-    net.eval()
-    se = (ours.sample_probs.var(0) / 4000 * 2).sqrt()
-    assert float(((ours.probs - theirs.mean(0)).abs() / se.clamp_min(1e-6)).max()) < 5.0
-
-
-def test_gradients_flow_through_samples():
-    torch.manual_seed(0)
-    bm = wrap(mlp(dropout=0.3))
-    x = torch.randn(4, 5, requires_grad=True)
-    bm.sample_outputs(x, 6, torch.Generator().manual_seed(0)).sum().backward()
-    grad_fast = x.grad.clone()
-    x.grad = None
-    bm.fast_path = False
-    bm.sample_outputs(x, 6, torch.Generator().manual_seed(0)).sum().backward()
-    torch.testing.assert_close(grad_fast, x.grad, atol=1e-5, rtol=0)
-
-
-def test_dropout_that_never_runs_warns():
-    class Unused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.drop = nn.Linear(5, 3), nn.Dropout(0.5)
-
-        def forward(self, x):
-            return self.lin(x)
-
-    bm = wrap(Unused())
-    with pytest.warns(BayesifyWarning, match="samples are identical"):
-        pred = bm.predict(torch.randn(3, 5), num_samples=4)
-    assert torch.equal(pred.sample_probs[0], pred.sample_probs[3])
 
 
 # -------------------------------------------------------------------- insertion
@@ -391,72 +185,77 @@ def test_existing_dropout_is_kept_and_save_load_roundtrip(tmp_path):
                                want.sample_probs, atol=0, rtol=0)
 
 
-# --------------------------------------------------------------- dropout types
+# ----------------------------------------------------- functional dropout (timm)
 
 
-_SHAPES = {nn.Dropout: (40, 50), nn.AlphaDropout: (40, 50), nn.Dropout1d: (40, 30, 5),
-           nn.Dropout2d: (40, 30, 3, 2), nn.Dropout3d: (40, 30, 2, 2, 2),
-           nn.FeatureAlphaDropout: (40, 30, 4)}
+class TimmLike(nn.Module):
+    """timm's ResNet/EfficientNet head: ``drop_rate`` applied with F.dropout in forward."""
+
+    def __init__(self, drop_rate: float = 0.2, head_module: bool = False):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.features = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
+        self.head_drop = nn.Dropout(drop_rate) if head_module else nn.Identity()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.features(x)
+        if isinstance(self.head_drop, nn.Identity) and self.drop_rate:
+            h = nn.functional.dropout(h, p=self.drop_rate, training=self.training)
+        return self.fc(self.head_drop(h))
 
 
-@pytest.mark.parametrize("kind", DROPOUT_TYPES, ids=lambda k: k.__name__)
-def test_each_dropout_type_matches_torch_train_mode(kind, dtype):
-    p = 0.3
-    module = kind(p)
-    x = torch.full(_SHAPES[kind], 1.5, dtype=dtype)
-    ours = sample_dropout(x, module, copies=60, generator=torch.Generator().manual_seed(0))
-    assert ours.shape == (60 * x.shape[0], *x.shape[1:]) and ours.dtype == dtype
-    theirs = module.train()(x)
-    # Same two values (kept, dropped) as torch's own train-mode dropout.
-    torch.testing.assert_close(ours.unique(), theirs.unique(), atol=TOL[dtype], rtol=0)
-    dropped = (ours != ours.max()).view(60, *x.shape)
-    # One mask per sample, shared by the rows (inputs) of that sample.
-    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))
-    dropped = dropped[:, 0]
-    if dropped.dim() > 2 and kind not in (nn.Dropout, nn.AlphaDropout):
-        # Feature dropout: whole channels, constant over the trailing dims.
-        flat = dropped.flatten(2)
-        assert bool((flat.all(-1) | ~flat.any(-1)).all())
-        dropped = flat[..., 0]
-    # Independent over samples and units (channels).
-    rate, count = float(dropped.double().mean()), dropped.numel()
-    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / count)
+def test_functional_drop_rate_is_not_ignored():
+    net = TimmLike(0.2)
+    with pytest.warns(BayesifyWarning, match=r"model.drop_rate = 0.2 is applied with "
+                      r"F.dropout.*Inserted nn.Dropout\(p=0.2\) on the input of 'fc'") as rec:
+        bm = wrap(net)
+    assert rec[0].filename == __file__      # the warning points at the user's line
+    assert bm.inserted == ["fc"] and net.fc.bayesify_dropout.p == 0.2
+    with pytest.warns(BayesifyWarning, match=r"p=0.3\) on the input of 'fc' instead, at "
+                      "the `p` you passed. Set model.drop_rate = 0"):
+        bm = wrap(TimmLike(0.2), p=0.3)
+    assert bm.inserted == ["fc"]
+    net = TimmLike(0.2)
+    net.features.append(nn.Dropout(0.5))
+    with pytest.warns(BayesifyWarning, match=r"Only the dropout modules \(features.2\)"):
+        assert wrap(net).inserted == []
 
 
-@pytest.mark.parametrize("kind", DROPOUT_TYPES, ids=lambda k: k.__name__)
-def test_each_dropout_type_in_a_model(kind):
-    shape = _SHAPES[kind][1:]
-    net = nn.Sequential(nn.Linear(4, math.prod(shape)), nn.Unflatten(1, shape), kind(0.3),
-                        nn.Flatten(), nn.Linear(math.prod(shape), 3))
-    bm = wrap(net)
+def test_drop_rate_held_by_a_dropout_module_is_sampled_without_warning():
+    bm = wrap(TimmLike(0.25, head_module=True))    # like timm's ConvNeXt head
     assert bm.inserted == []
-    x = torch.randn(6, 4)
-    fast = bm.predict(x, num_samples=5, seed=0)
+    assert not torch.equal(*bm.predict(torch.randn(4, 5), num_samples=2).sample_probs)
+
+
+# ------------------------------------------------------------ fast-path fallback
+
+
+class RowLookup(nn.Module):
+    """Reads a per-input table after the dropout, as transformers' position lookups do:
+    the replicated rows of the fast path run past its end (IndexError)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.drop, self.head = nn.Linear(5, 16), nn.Dropout(0.3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.head(self.drop(torch.tanh(self.body(x))))
+        table = torch.arange(1.0, x.shape[0] + 1)
+        return h * table.tolist()[h.shape[0] - 1] / table[-1]
+
+
+def test_any_fast_path_failure_falls_back_once():
+    bm = wrap(RowLookup())
+    x = torch.randn(6, 5)
+    with pytest.warns(BayesifyWarning, match=r"fell back .*\(IndexError: list index") as rec:
+        got = bm.predict(x, num_samples=5, seed=1)
+    assert len(rec) == 1 and rec[0].filename == __file__
+    again = bm.predict(x, num_samples=5, seed=1)     # no second attempt, no second warning
     bm.fast_path = False
-    naive = bm.predict(x, num_samples=5, seed=0)
-    torch.testing.assert_close(fast.sample_probs, naive.sample_probs, atol=1e-6, rtol=0)
-    assert not torch.allclose(fast.sample_probs[0], fast.sample_probs[1])
-
-
-def test_dropout_moments_closed_form(dtype):
-    """Inverted dropout before a linear layer: mean w·x, variance p/(1-p) Σ w²x²."""
-    p, w, x = 0.3, torch.tensor([[0.5, -1.0, 2.0]], dtype=dtype), torch.tensor(
-        [[1.0, 2.0, -0.5]], dtype=dtype)
-    lin = nn.Linear(3, 1, bias=False).to(dtype)
-    lin.weight.data.copy_(w)
-    bm = wrap(lin, "regression", dtype=dtype, p=p, noise=0.1)
-    with torch.no_grad():
-        out = bm.sample_outputs(x, 40_000, torch.Generator().manual_seed(0))[:, 0, 0]
-    mean, var = float((w * x).sum()), p / (1 - p) * float((w ** 2 * x ** 2).sum())
-    assert abs(float(out.mean()) - mean) < 4 * math.sqrt(var / 40_000)
-    assert abs(float(out.var()) / var - 1) < 0.03
-
-
-def test_alpha_dropout_keeps_standard_normal_moments():
-    # One sample over 200,000 units (one input): the mask is per unit.
-    x = torch.randn(1, 200_000, generator=torch.Generator().manual_seed(0))
-    out = sample_dropout(x, nn.AlphaDropout(0.2), generator=torch.Generator().manual_seed(1))
-    assert abs(float(out.mean())) < 0.01 and abs(float(out.var()) - 1) < 0.01
+    want = bm.predict(x, num_samples=5, seed=1)
+    assert torch.equal(got.sample_probs, want.sample_probs)
+    assert torch.equal(again.sample_probs, want.sample_probs)
 
 
 # -------------------------------------------------------------------- regression
@@ -534,6 +333,31 @@ def test_fit_regression_learns_noise_and_covers():
     lo, hi = bm.predict(x_test, num_samples=32, seed=0).interval(0.9)
     coverage = float(((y_test >= lo) & (y_test <= hi)).double().mean())
     assert 0.85 < coverage < 0.97
+
+
+def test_your_own_loop_then_finish_fit_predicts(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 1, generator=gen, dtype=dtype) * 4 - 2
+    y = torch.sin(2 * x[:, 0]) + 0.2 * torch.randn(256, generator=gen, dtype=dtype)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1)).to(dtype)
+    bm = wrap(net, "regression", dtype=dtype, p=0.05)
+    assert bm.noise.log_std.dtype == dtype      # the noise follows the model's dtype
+    opt = torch.optim.Adam(bm.parameters(), lr=1e-2)
+    bm.train()
+    for _ in range(150):
+        opt.zero_grad()
+        loss = bm.loss(x, y)
+        loss.backward()
+        opt.step()
+    with pytest.raises(NotFittedError, match="finish_fit"):
+        bm.predict(x)
+    pred = bm.finish_fit().predict(x, num_samples=16, seed=0)
+    assert not bm.training and isinstance(pred, MixturePredictive)
+    assert pred.mean.dtype == dtype and float(loss.detach()) < 0.5
+    assert all(t.dtype == dtype for t in [*bm.parameters(), *bm.buffers()]
+               if t.is_floating_point())
+    assert 0.1 < float(pred.aleatoric_variance.mean().sqrt()) < 0.4
 
 
 # --------------------------------------------------------------------- bad inputs

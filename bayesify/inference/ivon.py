@@ -1,21 +1,27 @@
-"""The ``"ivon"`` method: a network whose posterior lives in an :class:`IVON` optimizer.
+"""The ``"ivon"`` method: a network whose posterior lives in an :class:`~bayesify.IVON`.
 
-Two ways in:
+Three ways in, all ending in the same posterior (the optimizer's state):
 
-* ``bayesify(model, "ivon", task=...)`` then ``fit``: trains with IVON (``ess`` = the
+* ``bayesify(model, "ivon", task=...).fit(train)``: trains with IVON (``ess`` = the
   training-set size unless given), one weight sample per step by default;
-* ``bayesify(model, "ivon", task=..., optimizer=opt)`` for a model already trained in
-  the user's own loop with ``opt = bf.IVON(model.parameters(), ...)``: the posterior is
-  read from the optimizer's state, nothing is retrained.
+* your own loop: ``opt = bm.configure_optimizer(lr, weight_decay)``, then per batch
+  ``with opt.sampled_params(train=True): opt.zero_grad(); bm.loss(x, y).backward()``
+  and ``opt.step()``; the model predicts as soon as the optimizer has Hessian state
+  (``bm.finish_fit()`` checks and marks it);
+* ``bayesify(model, "ivon", task=..., optimizer=opt)`` for a network already trained
+  with ``opt = bf.IVON(model.parameters(), ...)``: nothing is retrained.
 
-``predict`` averages the network over ``num_samples`` weight samples (softmax averaged
-through log-mean-exp for classification, a Gaussian mixture for regression), with the
-model in eval mode.
+``posterior(x)`` holds the network's outputs under S weight samples [S, N, K], drawn
+through ``functional_call`` (the parameters are not touched and the outputs stay
+differentiable in x) with the model in eval mode. BatchNorm: training updates the
+running statistics with sampled weights, as the user's own IVON loop does; prediction
+uses them and never updates them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,13 +29,29 @@ from torch import nn
 from torch.func import functional_call
 
 from bayesify._validation import check_positive_float, check_positive_int
-from bayesify.core import BayesianModel, register_method
-from bayesify.errors import InputError, NotFittedError
+from bayesify.core import BayesianModel, preserve_training_flags, register_method
+from bayesify.errors import CheckpointError, InputError, NotFittedError
+from bayesify.fitting import check_finite_loss, gradient_norm
+from bayesify.inference._sampled import sampled_posterior
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
-from bayesify.inference.ivon import IVON, _check_group
-from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predictive
+from bayesify.optim.ivon import IVON
+from bayesify.optim.ivon_checks import check_group, check_state_dict
+from bayesify.posterior import SampledPosterior
 
 __all__ = ["IVONModel"]
+
+_OPTIONS = ("ess", "hess_init", "beta1", "beta2", "weight_decay", "mc_samples",
+            "hess_approx", "clip_radius", "rescale_lr", "sync", "seed")
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Validate the IVON options of the method (raises InputError)."""
+    if options.get("ess") is not None:
+        check_positive_float(options["ess"], "ess")
+    check_group({**options, "ess": options.get("ess") or 1.0, "lr": 1.0, "params": []})
+    check_positive_int(options["mc_samples"], "mc_samples")
+    if options["seed"] is not None:
+        check_positive_int(options["seed"], "seed", minimum=0)
 
 
 @register_method("ivon")
@@ -40,19 +62,23 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         model: a network outputting logits [N, C] (classification) or means [N, D]
             (regression; [N, 2D] with ``noise="heteroscedastic"``).
         task: ``"classification"`` or ``"regression"``.
-        optimizer: an :class:`IVON` the model was already trained with (its state is
-            the posterior); ``fit`` continues with it. ``None``: ``fit`` makes one.
+        optimizer: an :class:`~bayesify.IVON` over the model's parameters that the
+            model was trained with (its state is the posterior); ``fit`` continues with
+            it. ``None``: ``fit`` (or :meth:`configure_optimizer`) makes one.
         ess, hess_init, beta1, beta2, weight_decay, mc_samples, hess_approx,
             clip_radius, rescale_lr, sync, seed: options of the IVON that ``fit``
-            makes (see :class:`IVON`); ``ess`` defaults to the training-set size.
+            makes (see :class:`~bayesify.IVON`); ``ess`` defaults to the training-set
+            size and ``weight_decay`` is the default of ``fit(weight_decay=)``.
         noise: regression noise: ``"homoscedastic"`` (learned), ``"heteroscedastic"``
             or a fixed standard deviation.
         num_outputs: D, when it cannot be read off the model's last layer.
-        n_data: N, the training-set size (inferred by ``fit``).
+        n_data: N, the training-set size (inferred by ``fit``; needed for your own loop
+            unless ``ess`` is given).
 
     ``loss(x, y)`` is the mean negative log likelihood of a batch, the data term of
-    IVON's objective (the prior enters through ``weight_decay``); in a custom loop call
-    it inside ``optimizer.sampled_params(train=True)``.
+    IVON's objective (the prior enters through ``weight_decay``); in your own loop call
+    it inside ``optimizer.sampled_params(train=True)``. ``fit(lr=, weight_decay=)``
+    with an existing optimizer replaces its groups' values only when given.
     """
 
     default_num_samples = 64
@@ -84,24 +110,28 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         if model is None:
             raise InputError("`model` is None; the ivon method needs a network")
         super().__init__(model, task, n_data=n_data)
+        self.options: dict[str, Any] = dict(
+            ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, mc_samples=mc_samples, hess_approx=hess_approx,
+            clip_radius=clip_radius, rescale_lr=rescale_lr, sync=sync, seed=seed)
+        _check_options(self.options)
         self._init_likelihood(noise, num_outputs)
-        if ess is not None:
-            ess = check_positive_float(ess, "ess")
-        self.options = dict(ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, mc_samples=mc_samples,
-                            hess_approx=hess_approx, clip_radius=clip_radius,
-                            rescale_lr=rescale_lr, sync=sync, seed=seed)
-        _check_group({**self.options, "ess": ess or 1.0, "lr": 1.0, "params": []})
-        check_positive_int(mc_samples, "mc_samples")
-        self.optimizer: IVON | None = None
+        self._optimizer: IVON | None = None
+        self._revoked = False
         if optimizer is not None:
-            self._adopt(optimizer)
-            trained = any("hess" in optimizer.state.get(p, ()) for p in optimizer.params)
-            if trained and (task == "classification" or self.noise.kind == "fixed"):
-                self._mark_fitted()
+            self.optimizer = optimizer
+        if self.is_fitted:
+            self._mark_fitted()
 
-    def _adopt(self, optimizer: Any) -> None:
-        """Take ``optimizer`` as the posterior after checking it covers the network."""
+    # ------------------------------------------------------------ the posterior
+
+    @property
+    def optimizer(self) -> IVON | None:
+        """The IVON whose state is the posterior (``None`` before training)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: IVON) -> None:
         if not isinstance(optimizer, IVON):
             raise InputError("`optimizer` must be a bayesify.IVON (the posterior lives in "
                              f"its state), got {type(optimizer).__name__}")
@@ -110,122 +140,206 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
             if p.requires_grad and id(p) not in held:
                 raise InputError(f"`optimizer` does not hold the model's parameter {name!r}; "
                                  "pass an IVON built over model.parameters()")
-        self.optimizer = optimizer
+        own = {id(p) for p in self.parameters()}
+        foreign = sum(id(p) not in own for p in optimizer.params)
+        if foreign:
+            raise InputError(f"`optimizer` holds {foreign} parameter(s) that are not the "
+                             "model's; pass an IVON built over model.parameters()")
+        self._optimizer = optimizer
 
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        # A short run from a pretrained network, β₂ low enough for h to adapt within a
-        # few hundred steps. IVON starts as SGD with momentum, so the Gaussian NLL of
-        # regression, whose gradients scale as 1/σ², needs a much smaller lr.
-        lr = 0.05 if task == "classification" else 0.002
-        return {"options": {"hess_init": 1.0, "beta2": 0.999, "seed": 0},
-                "fit": {"epochs": 5 if task == "classification" else 10, "lr": lr,
-                        "batch_size": 64}}
+    def _missing_from_optimizer(self) -> list[str]:
+        held = {id(p) for p in self._optimizer.params} if self._optimizer else set()
+        return [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in held]
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether a posterior exists: after ``fit``/``finish_fit``/``load``, or as soon as
+        an IVON holding every trainable parameter has Hessian state (your own loop)."""
+        if super().is_fitted:
+            return True
+        return (not self._revoked and self._optimizer is not None
+                and self._optimizer.has_posterior and not self._missing_from_optimizer())
+
+    def _mark_fitted(self, value: bool = True) -> None:
+        super()._mark_fitted(value)
+        self._revoked = not value   # a diverged fit: the optimizer state is no posterior
+
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> SampledPosterior:
+        """Network outputs under S weight draws from the IVON posterior, [S, N, K]."""
+        if self._optimizer is None:
+            raise NotFittedError("this IVONModel has no IVON posterior; call .fit(train) or "
+                                 "wrap with optimizer=<the IVON it was trained with>")
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        outputs = []
+        with preserve_training_flags(self.model):
+            self.model.eval()
+            for _ in range(num_samples or self.default_num_samples):
+                draw = self._optimizer.sample(generator)
+                weights = {names[id(p)]: w for p, w in zip(self._optimizer.params, draw,
+                                                           strict=True) if id(p) in names}
+                outputs.append(functional_call(self.model, weights, (x,)))
+        return sampled_posterior(self, torch.stack(outputs))
 
     # -------------------------------------------------------------------- training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The prediction at the posterior mean."""
+        """The prediction at the posterior mean: logits [N, C] or the mean [N]/[N, D]."""
         return self._point(self.model(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean negative log likelihood of the batch (a scalar)."""
         return self._nll(self.model(x), y)
 
-    def fit(self, train: Any, *, lr: float | None = None, weight_decay: float | None = None,
-            **kwargs: Any) -> IVONModel:
-        """Train with IVON; see :meth:`BayesianModel.fit` for the arguments.
-
-        ``lr`` and ``weight_decay`` (δ, the prior precision per datum) default to the
-        method's; with an existing optimizer, a given ``lr`` replaces its groups' lr and
-        training continues from its posterior.
-        """
-        if weight_decay is not None:
-            self.options["weight_decay"] = check_positive_float(weight_decay, "weight_decay",
-                                                                allow_zero=True)
-        if lr is not None and self.optimizer is not None:
-            lr = check_positive_float(lr, "lr")
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        return super().fit(train, lr=lr, weight_decay=self.options["weight_decay"], **kwargs)
+    def fit_defaults(self) -> dict[str, Any]:
+        """With an optimizer, its first group's lr and weight decay (kept unless given)."""
+        defaults = super().fit_defaults()
+        if self._optimizer is None:
+            defaults["weight_decay"] = self.options["weight_decay"]
+        else:
+            group = self._optimizer.param_groups[0]
+            defaults["lr"], defaults["weight_decay"] = group["lr"], group["weight_decay"]
+        return defaults
 
     def on_fit_start(self, batches: Any) -> None:
         if not self.is_fitted:
-            self._initialize_noise(batches)
+            with preserve_training_flags(self.model):
+                self.model.eval()
+                self._initialize_noise(batches)
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> IVON:
-        if self.optimizer is not None:
-            held = {id(p) for p in self.optimizer.params}
-            extra = [p for p in self.parameters() if p.requires_grad and id(p) not in held]
-            if extra:   # the learned noise scale, when the user's IVON trained the network
-                self.optimizer.add_param_group({"params": extra})
-            return self.optimizer
+        """The IVON that holds the posterior, made over all trainable parameters.
+
+        With an existing optimizer: parameters it lacks (the learned noise scale) join
+        as a new group, and ``lr``/``weight_decay`` replace its groups' values when
+        they differ from :meth:`fit_defaults`. Usable in your own loop (then ``ess``
+        or ``n_data`` must be known).
+
+        Returns:
+            The optimizer, also kept as ``self.optimizer``.
+        """
+        lr = check_positive_float(lr, "lr", allow_zero=self._optimizer is not None)
+        weight_decay = check_positive_float(weight_decay, "weight_decay", allow_zero=True)
+        if self._optimizer is not None:
+            current = self.fit_defaults()
+            for key, value in (("lr", lr), ("weight_decay", weight_decay)):
+                if value != current[key]:
+                    for group in self._optimizer.param_groups:
+                        group[key] = value
+            missing = set(self._missing_from_optimizer())
+            extra = [p for n, p in self.named_parameters() if n in missing]
+            if extra:
+                self._optimizer.add_param_group({"params": extra})
+            return self._optimizer
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise InputError("the ivon method found no trainable parameters to fit")
-        options = dict(self.options)
-        options["ess"] = options["ess"] or float(self.n_data)
-        options["weight_decay"] = weight_decay
-        self.optimizer = IVON(params, lr=lr, **options)
-        return self.optimizer
+        ess = self.options["ess"] or self.n_data
+        if ess is None:
+            raise InputError("IVON needs the training-set size: pass n_data=N (or ess=) to "
+                             "bayesify(...), or train with .fit(train)")
+        self.options["weight_decay"] = weight_decay
+        options = {**self.options, "ess": float(ess)}
+        self._optimizer = IVON(params, lr=lr, **options)
+        self._revoked = False
+        return self._optimizer
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor,
                       optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One IVON step: ``mc_samples`` sampled forward/backward passes, then the update.
+
+        The divergence guard runs in every sample (a non-finite loss or gradient norm
+        raises before anything is kept; IVON then discards the step's samples).
+        """
         if not isinstance(optimizer, IVON):
             raise InputError("`optimizer` must be a bayesify.IVON for the ivon method, got "
                              f"{type(optimizer).__name__}")
-        if optimizer is not self.optimizer:
-            self._adopt(optimizer)
+        if optimizer is not self._optimizer:
+            self.optimizer = optimizer
+            self.configure_optimizer(*[self.fit_defaults()[k] for k in ("lr", "weight_decay")])
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(x, y)
+            loss = self.training_loss(x, y)
+            check_finite_loss(loss)
             loss.backward()
-            if self._grad_clip is not None:
-                nn.utils.clip_grad_norm_(
-                    [p for p in self.parameters() if p.grad is not None], self._grad_clip)
+            gradient_norm(self.parameters(), self._grad_clip)
             return loss
 
         return optimizer.step(closure)
 
-    # ------------------------------------------------------------------ prediction
-
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
-        if self.optimizer is None:
-            raise NotFittedError("this IVONModel has no IVON posterior; call .fit(train) or "
-                                 "wrap with optimizer=<the IVON it was trained with>")
-        # Sampled weights go in through functional_call rather than being written into
-        # the parameters, so the outputs stay differentiable in x (the BO bridge needs
-        # gradients of the acquisition with respect to the inputs).
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        outputs = []
-        for _ in range(num_samples or self.default_num_samples):
-            draw = self.optimizer.sample(generator)
-            weights = {names[id(p)]: w for p, w in zip(self.optimizer.params, draw, strict=True)
-                       if id(p) in names}
-            outputs.append(functional_call(self.model, weights, (x,)))
-        outputs = torch.stack(outputs)
-        if self.task == "classification":
-            return CategoricalPredictive.from_logits(sample_logits=outputs)
-        self.noise.check_output(outputs[0])
-        means, variances = self.noise.split(outputs)
-        return MixturePredictive(self._squeeze(means), self._squeeze(variances))
+    def on_fit_end(self) -> None:
+        """Check that an IVON holds the posterior of every trainable parameter."""
+        if self._optimizer is None:
+            raise NotFittedError(
+                "no IVON holds this model's posterior: train with opt = "
+                "bm.configure_optimizer(lr, weight_decay) in your own loop, or wrap with "
+                "bayesify(net, 'ivon', optimizer=opt) for a network trained with bf.IVON")
+        missing = self._missing_from_optimizer()
+        if missing:
+            raise NotFittedError(
+                f"the IVON does not hold {', '.join(map(repr, missing))}, so they were not "
+                "trained; make the optimizer with bm.configure_optimizer(lr, weight_decay), "
+                "or call .fit(train) to continue with this one")
+        self._revoked = False
 
     # ----------------------------------------------------------------- checkpoints
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The optimizer's state (the posterior) travels with the module's state_dict."""
-        if self.optimizer is None:
+        """The optimizer's state (the posterior), with its options and which parameter
+        each of its entries is, so ``load`` can rebuild it."""
+        if self._optimizer is None:
             return {}
-        return {"optimizer": self.optimizer.state_dict(), "options": dict(self.options)}
+        names = {id(p): n for n, p in self.named_parameters()}
+        return {"optimizer": self._optimizer.state_dict(), "options": dict(self.options),
+                "param_names": [names[id(p)] for p in self._optimizer.params]}
+
+    def _optimizer_for_state(self, extra: Mapping[str, Any]) -> IVON:
+        """The IVON a saved state loads into: the current one when its parameters are
+        the same, in the same groups, else a new one (not attached)."""
+        params = dict(self.named_parameters())
+        names, groups, start = extra["param_names"], [], 0
+        for group in extra["optimizer"]["param_groups"]:
+            groups.append([params[n] for n in names[start:start + len(group["params"])]])
+            start += len(group["params"])
+        current = self._optimizer
+        if current is not None and [g["params"] for g in current.param_groups] == groups:
+            return current
+        options = {**extra["options"], "ess": extra["options"]["ess"] or 1.0}
+        return IVON([{"params": g} for g in groups], lr=self.default_lr, **options)
+
+    def _check_extra_state(self, state_dict: dict[str, Any]) -> None:
+        """Check the saved IVON state against this model before anything is loaded."""
+        extra = state_dict.get("_extra_state")
+        if not isinstance(extra, Mapping) or not {"optimizer", "options",
+                                                  "param_names"} <= set(extra):
+            raise CheckpointError("the checkpoint holds no IVON posterior (its extra state "
+                                  "lacks 'optimizer', 'options' or 'param_names'); it was "
+                                  "not written by the ivon method's save")
+        try:
+            options, names = extra["options"], extra["param_names"]
+            if not isinstance(options, Mapping) or sorted(options) != sorted(_OPTIONS):
+                raise InputError(f"its options are {sorted(options)}, expected "
+                                 f"{sorted(_OPTIONS)}")
+            _check_options(options)
+            own = dict(self.named_parameters())
+            unknown = [n for n in names if n not in own]
+            if unknown:
+                raise InputError(f"it holds parameters {unknown[:5]} that this model lacks")
+            groups = extra["optimizer"].get("param_groups")
+            if not isinstance(groups, list) or sum(len(g.get("params", ())) for g in groups
+                                                   ) != len(names):
+                raise InputError("its param groups do not list its parameters")
+            check_state_dict(extra["optimizer"], self._optimizer_for_state(extra).param_groups)
+        except (InputError, AttributeError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"the checkpoint's IVON state does not fit this model: "
+                                  f"{exc}") from None
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if self.optimizer is None:
-            self.options.update(state["options"])
-            ess = self.options["ess"] or float(self.n_data or 1)
-            options = {**self.options, "ess": ess}
-            params = [p for p in self.parameters() if p.requires_grad]
-            self.optimizer = IVON(params, lr=self.default_lr, **options)
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = self._optimizer_for_state(state)
+        optimizer.load_state_dict(state["optimizer"])
+        self.options.update(state["options"])
+        self._optimizer = optimizer
+        self._revoked = False

@@ -36,6 +36,8 @@ from the same seed.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -46,18 +48,23 @@ from torch import nn
 from bayesify._validation import check_fraction, check_positive_int
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import BayesifyWarning, InputError
+from bayesify.inference._sampled import sampled_posterior
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
 from bayesify.layers.dropout import (
     DropoutSampler,
     FastPathUnavailable,
     find_dropout,
+    find_functional_dropout,
     insert_dropout,
     inserted_dropout,
     masked_linear_samples,
 )
-from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predictive
+from bayesify.posterior import SampledPosterior
 
 __all__ = ["MCDropoutModel"]
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 os.path.dirname(os.path.abspath(torch.__file__)))
 
 
 def _flatten_sequential(module: nn.Module) -> list[nn.Module]:
@@ -201,28 +208,25 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
         # The likelihood is checked before the model is touched, so a failed wrap
         # leaves the user's network as it was.
         self._init_likelihood(noise, num_outputs)
-        existing = [name for name, _ in find_dropout(model)]
+        found = find_dropout(model)
+        existing = [name for name, _ in found]
         insert = layers is not None or before is not None or not existing
         if p is not None and not insert:
             raise InputError(
                 f"`p` sets the rate of inserted dropout, but the model already has dropout "
                 f"({', '.join(existing[:4])}) and none is inserted; drop `p` to sample the "
                 "model's own dropout, or also pass `layers=`/`before=` to insert more")
+        functional = find_functional_dropout(model, [m for _, m in found])
+        if functional and insert and p is None:
+            rate = functional[0][1]   # timm applies drop_rate on the classifier's input
         #: Names of the modules that got inserted dropout on their input.
         self.inserted: list[str] = (insert_dropout(model, rate, layers=count, before=before)
                                     if insert else [])
+        if functional:
+            _warn_functional(functional, self.inserted, existing, rate, p is None)
         self._fast_ok = True
         if task == "classification" or self.noise.kind == "fixed":
             self._mark_fitted()
-
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        # The report's MLP is pretrained without dropout: insert it before the last two
-        # Linear layers and fine-tune briefly so the weights adapt to it (on digits this
-        # lowers ECE and raises OOD AUROC over the deterministic net; p = 0.2 did not).
-        return {"options": {"p": 0.1, "layers": 2},
-                "fit": {"epochs": 10 if task == "classification" else 100,
-                        "lr": 1e-3, "weight_decay": 1e-4}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._point(self.model(x))
@@ -236,17 +240,11 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
                 self.model.eval()
                 self._initialize_noise(batches)
 
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> SampledPosterior:
+        """Raw network outputs under S dropout samples, [S, N, K]."""
         outputs = self.sample_outputs(x, num_samples or self.default_num_samples, generator)
-        if self.task == "classification":
-            if outputs.dim() != 3:
-                raise InputError("a classifier must output logits [N, C], got "
-                                 f"{list(outputs.shape[1:])}")
-            return CategoricalPredictive.from_logits(sample_logits=outputs)
-        self.noise.check_output(outputs[0])
-        mean, variance = self.noise.split(outputs)
-        return MixturePredictive(self._squeeze(mean), self._squeeze(variance))
+        return sampled_posterior(self, outputs)
 
     # -------------------------------------------------------------------- sampling
 
@@ -273,14 +271,17 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
             if self.fast_path and self._fast_ok and num_samples > 1:
                 try:
                     return self._sample_fast(x, num_samples, dropout, seeds)
-                except (FastPathUnavailable, RuntimeError) as exc:
-                    reason = exc
+                except Exception as exc:  # any failure: the loop below is the reference
+                    reason = f"{type(exc).__name__}: {exc}"
+                # The loop raises the model's own error if it has one; otherwise the fast
+                # path is off for this model from now on, and that is said once.
                 outputs = self._sample_loop(x, num_samples, dropout, seeds)
                 self._fast_ok = False
                 warnings.warn(
-                    f"MC dropout fell back to one forward pass per sample ({reason}); the "
-                    "network mixes rows after its first dropout. Pass fast_path=False to "
-                    "skip the attempt", BayesifyWarning, stacklevel=4)
+                    f"MC dropout fell back to one forward pass per sample ({reason}): the "
+                    "batched fast path needs a network that keeps rows apart after its "
+                    "first dropout. Pass fast_path=False to skip the attempt",
+                    BayesifyWarning, stacklevel=_user_stacklevel())
                 return outputs
             return self._sample_loop(x, num_samples, dropout, seeds)
 
@@ -336,5 +337,35 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
 
 def _identical(output: torch.Tensor, num_samples: int) -> torch.Tensor:
     warnings.warn("none of the model's dropout modules ran in its forward pass, so all MC "
-                  "dropout samples are identical", BayesifyWarning, stacklevel=5)
+                  "dropout samples are identical", BayesifyWarning, stacklevel=_user_stacklevel())
     return output.unsqueeze(0).expand(num_samples, *output.shape)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning issued by the caller, pointing at the first frame
+    outside bayesify and torch (the user's line, however deep the call chain)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_functional(functional: list[tuple[str, float]], inserted: list[str],
+                     existing: list[str], rate: float, default_rate: bool) -> None:
+    """Say that a functional dropout rate (timm's ``drop_rate``) is not sampled, and what
+    is sampled instead."""
+    attr, value = functional[0]
+    more = f" (and {', '.join(a for a, _ in functional[1:])})" if len(functional) > 1 else ""
+    head = (f"model.{attr} = {value:g}{more} is applied with F.dropout inside the model's "
+            "forward, which MC dropout cannot sample: it predicts in eval mode, where that "
+            "dropout is off. ")
+    if inserted:
+        origin = f"the rate of `{attr}`" if default_rate else "the `p` you passed"
+        what = (f"Inserted nn.Dropout(p={rate:g}) on the input of "
+                f"{', '.join(map(repr, inserted))} instead, at {origin}. Set "
+                f"model.{attr} = 0 so that fit trains with the inserted dropout alone, or "
+                "pass p=/before= to choose the rate and the place")
+    else:
+        what = (f"Only the dropout modules ({', '.join(existing[:4])}) are sampled; set "
+                f"model.{attr} = 0, or use an nn.Dropout module for that dropout")
+    warnings.warn(head + what, BayesifyWarning, stacklevel=_user_stacklevel())

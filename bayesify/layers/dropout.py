@@ -28,6 +28,7 @@ __all__ = [
     "dropout_mask_shape",
     "draw_keep",
     "find_dropout",
+    "find_functional_dropout",
     "insert_dropout",
     "inserted_dropout",
     "masked_linear_samples",
@@ -55,6 +56,34 @@ def find_dropout(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, DROPOUT_TYPES) and m.p > 0]
+
+
+#: Attributes holding a rate that timm-style models apply themselves with ``F.dropout``
+#: in ``forward`` (``F.dropout(x, p=self.drop_rate, training=self.training)``).
+FUNCTIONAL_RATE_ATTRS = ("drop_rate",)
+
+
+def find_functional_dropout(model: nn.Module, sampled: Sequence[nn.Module] = ()
+                            ) -> list[tuple[str, float]]:
+    """Dropout rates stored as attributes and applied with ``F.dropout`` in ``forward``.
+
+    MC dropout cannot sample these: it predicts in eval mode, where such dropout is off.
+    A rate that a dropout module in ``sampled`` already has is left out (the model holds
+    that dropout as a module too, as timm's ConvNeXt head does).
+
+    Returns:
+        ``(qualified attribute name, rate)`` pairs for rates in (0, 1), in registration
+        order (the model's own attribute first).
+    """
+    known = {round(float(m.p), 12) for m in sampled}
+    found = []
+    for name, module in model.named_modules():
+        for attr in FUNCTIONAL_RATE_ATTRS:
+            value = vars(module).get(attr)
+            if (isinstance(value, int | float) and not isinstance(value, bool)
+                    and 0 < value < 1 and round(float(value), 12) not in known):
+                found.append((f"{name}.{attr}" if name else attr, float(value)))
+    return found
 
 
 def _apply_inserted_dropout(module: nn.Module, args: tuple) -> tuple:

@@ -11,9 +11,18 @@ Regression needs an observation noise that a plain network does not output;
 :class:`GaussianNoise` supplies it in one of three forms (``noise=``):
 
 * ``"homoscedastic"``: one learned standard deviation per output (the default);
-* ``"heteroscedastic"``: the network outputs 2·D columns, means then raw scales, and
-  the variance is ``softplus(raw) + min_variance`` per input;
+* ``"heteroscedastic"``: the network outputs 2·D columns, means then raw noise columns
+  r, read as ``noise_param`` says: ``"softplus"`` σ² = softplus(r) (the default),
+  ``"softplus_std"`` σ = softplus(r), ``"log_variance"`` σ² = exp(r) or ``"log_std"``
+  σ = exp(r); ``min_variance`` is added to σ² in every case. A pretrained network that
+  outputs a mean and a log-variance is read as it is, with no conversion;
 * a positive float: a fixed noise standard deviation.
+
+Heteroscedastic training can use β-NLL (Seitzer et al., 2022, ``beta=``): each point's
+NLL is weighted by its predicted variance to the power β with the gradient stopped
+through the weight, so that points with large predicted variance do not stop learning
+their mean. β = 0 is the plain NLL; β = 0.5 is the paper's recommendation; β = 1 gives
+the mean the gradient of the squared error.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from torch import nn
 from bayesify._math import normal_log_prob
 from bayesify._validation import (
     check_choice,
+    check_fraction,
     check_labels,
     check_positive_float,
     check_positive_int,
@@ -47,6 +57,8 @@ __all__ = [
     "GaussianLikelihood",
     "GaussianNoise",
     "Likelihood",
+    "NOISE_PARAMETERIZATIONS",
+    "beta_nll",
     "gaussian_nll",
     "infer_output_width",
     "regression_targets",
@@ -79,6 +91,25 @@ def gaussian_nll(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor) ->
         A scalar.
     """
     return -normal_log_prob(y, mean, variance).sum(-1).mean()
+
+
+def beta_nll(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """β-NLL (Seitzer et al., 2022): the Gaussian NLL of each entry weighted by its
+    variance to the power β, the weight detached; mean over points, sum over outputs.
+
+    Args:
+        mean, variance, y: [N, D] each.
+        beta: β in [0, 1]; 0 gives :func:`gaussian_nll` exactly.
+
+    Returns:
+        A scalar. Its gradient in ``mean`` and ``variance`` is the NLL's times
+        ``variance**beta`` entrywise.
+    """
+    nll = -normal_log_prob(y, mean, variance)
+    if beta:
+        nll = nll * variance.detach() ** beta
+    return nll.sum(-1).mean()
 
 
 def regression_targets(y: torch.Tensor, num_outputs: int) -> torch.Tensor:
@@ -189,23 +220,48 @@ class GaussianLikelihood(Likelihood):
                                   aleatoric_variance=self._squeeze(noise))
 
 
+#: How a heteroscedastic network's raw noise column r becomes the variance σ².
+NOISE_PARAMETERIZATIONS: dict[str, str] = {
+    "softplus": "σ² = softplus(r)",
+    "softplus_std": "σ = softplus(r)",
+    "log_variance": "σ² = exp(r)",
+    "log_std": "σ = exp(r)",
+}
+
+
+def _raw_to_variance(raw: torch.Tensor, param: str) -> torch.Tensor:
+    if param == "softplus":
+        return F.softplus(raw)
+    if param == "softplus_std":
+        return F.softplus(raw).square()
+    if param == "log_variance":
+        return raw.exp()
+    return (2 * raw).exp()  # log_std
+
+
 class GaussianNoise(nn.Module):
     """Gaussian observation noise for regression.
 
     Args:
         noise: ``"homoscedastic"``, ``"heteroscedastic"`` or a fixed standard deviation.
         num_outputs: D, the number of regression outputs.
-        min_variance: floor on the heteroscedastic variance, for numerical safety.
+        min_variance: added to the heteroscedastic variance, for numerical safety (>= 0).
+        noise_param: how the network's raw noise columns give the variance, for
+            ``noise="heteroscedastic"`` only: ``"softplus"`` (default), ``"softplus_std"``,
+            ``"log_variance"`` or ``"log_std"`` (see :data:`NOISE_PARAMETERIZATIONS`).
+        beta: β of the β-NLL training loss, in [0, 1], for ``noise="heteroscedastic"``
+            only; 0 (default) is the plain NLL. Prediction is unaffected.
         dtype, device: of the noise parameters: the wrapped model's (a noise made on
             the CPU would break a CUDA model's regression).
     """
 
     def __init__(self, noise: Any = "homoscedastic", num_outputs: int = 1,
-                 min_variance: float = 1e-6, *, dtype: torch.dtype | None = None,
+                 min_variance: float = 1e-6, *, noise_param: str | None = None,
+                 beta: float = 0.0, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
         super().__init__()
-        self.num_outputs = num_outputs
-        self.min_variance = min_variance
+        self.num_outputs = check_positive_int(num_outputs, "num_outputs")
+        self.min_variance = check_positive_float(min_variance, "min_variance", allow_zero=True)
         if isinstance(noise, str):
             if noise not in ("homoscedastic", "heteroscedastic"):
                 raise InputError("`noise` must be 'homoscedastic', 'heteroscedastic' or a "
@@ -216,6 +272,16 @@ class GaussianNoise(nn.Module):
             std = check_positive_float(noise, "noise")
             self.register_buffer("fixed_log_std", torch.full(
                 (num_outputs,), math.log(std), dtype=dtype, device=device))
+        if self.kind != "heteroscedastic":
+            for name, value, default in (("noise_param", noise_param, None),
+                                         ("beta", beta, 0.0)):
+                if value != default:
+                    raise InputError(
+                        f"`{name}` applies to noise='heteroscedastic' (a network that outputs "
+                        f"its own noise), got {name}={value!r} with noise={noise!r}")
+        self.noise_param = check_choice("softplus" if noise_param is None else noise_param,
+                                        "noise_param", tuple(NOISE_PARAMETERIZATIONS))
+        self.beta = check_fraction(beta, "beta", low_inclusive=True, high_inclusive=True)
         if self.kind == "homoscedastic":
             self.log_std = nn.Parameter(torch.zeros(num_outputs, dtype=dtype, device=device))
 
@@ -227,7 +293,9 @@ class GaussianNoise(nn.Module):
     def check_output(self, output: torch.Tensor) -> None:
         """Raise unless ``output`` is [..., N, K] with K = ``model_outputs``."""
         if output.dim() < 2 or output.shape[-1] != self.model_outputs:
-            extra = (" (means, then raw noise scales)" if self.kind == "heteroscedastic" else "")
+            extra = (f" (means, then raw noise columns r with "
+                     f"{NOISE_PARAMETERIZATIONS[self.noise_param]})"
+                     if self.kind == "heteroscedastic" else "")
             raise InputError(
                 f"the model outputs shape {list(output.shape)}, but noise={self.kind!r} with "
                 f"{self.num_outputs} output(s) needs [N, {self.model_outputs}]{extra}"
@@ -246,15 +314,21 @@ class GaussianNoise(nn.Module):
         d = self.num_outputs
         if self.kind == "heteroscedastic":
             mean, raw = output[..., :d], output[..., d:]
-            return mean, F.softplus(raw) + self.min_variance
+            return mean, _raw_to_variance(raw, self.noise_param) + self.min_variance
         log_std = self.log_std if self.kind == "homoscedastic" else self.fixed_log_std
         variance = torch.exp(2 * log_std).to(output.dtype).expand_as(output)
         return output, variance
 
     def nll(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Scalar NLL of targets ``y`` [N] or [N, D] under network output [N, K]."""
+        """Scalar training loss of targets ``y`` [N] or [N, D] under network output [N, K]:
+        the Gaussian NLL (mean over points, sum over outputs), or β-NLL when ``beta`` > 0."""
         mean, variance = self.split(output)
-        return gaussian_nll(mean, variance, regression_targets(y, self.num_outputs))
+        return beta_nll(mean, variance, regression_targets(y, self.num_outputs), self.beta)
+
+    def extra_repr(self) -> str:
+        extra = (f", noise_param={self.noise_param!r}, beta={self.beta}"
+                 if self.kind == "heteroscedastic" else "")
+        return f"kind={self.kind!r}, num_outputs={self.num_outputs}{extra}"
 
     @torch.no_grad()
     def initialize_from_residuals(self, residuals: torch.Tensor) -> None:

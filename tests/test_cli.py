@@ -30,6 +30,12 @@ def test_report_numbers_are_sane_for_a_trained_classifier():
     assert metrics["ood_auroc"] > 0.6
     # Split conformal sets at 90% cover about 90% of test labels.
     assert 0.8 < metrics["set_coverage"] <= 1.0
+    # The Mahalanobis detector on the head features separates the held-out classes too,
+    # and the worst class of class-conditional sets is covered (about 30-55 test points
+    # per class, so a few standard errors below 90% at most).
+    assert 0.6 < metrics["maha_auroc"] <= 1.0
+    assert 0.7 < metrics["class_coverage"] <= 1.0
+    assert "maha_auroc" not in report.rows[1].metrics  # features do not change with TS
 
 
 def test_report_rejects_unknown_data_and_methods(capsys):

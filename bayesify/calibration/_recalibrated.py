@@ -242,6 +242,13 @@ class RecalibratedPredictive(RegressionPredictive):
     def num_outputs(self) -> int:
         return self._base.num_outputs
 
+    @property
+    def _mean_ndim(self) -> int:
+        return self._base._mean_ndim
+
+    def _select_output(self, index: int) -> RecalibratedPredictive:
+        return RecalibratedPredictive(self._base.output(index), self._knots_u, self._knots_p)
+
     def _target(self, y: Any, name: str = "y") -> torch.Tensor:
         return self._base._target(y, name)
 

@@ -30,8 +30,16 @@ _DESCRIPTIONS = {
         "calibration_error": "mean |expected - observed| quantile coverage",
         "coverage": "fraction of targets inside the central {level:.0%} interval",
         "width": "mean width of the central {level:.0%} interval",
+        "joint_coverage": "fraction of points with all outputs inside their intervals",
     },
 }
+
+
+def _describe(task: str, key: str, n_bins: int, level: float) -> str:
+    """The meaning of ``key``; per-output keys ``"name[d]"`` say which output."""
+    base, _, index = key.partition("[")
+    meaning = _DESCRIPTIONS[task][base].format(n_bins=n_bins, level=level)
+    return f"{meaning} (output {index[:-1]})" if index else meaning
 
 
 class EvaluationReport(Mapping[str, float]):
@@ -71,12 +79,11 @@ class EvaluationReport(Mapping[str, float]):
         return dict(self._metrics)
 
     def __str__(self) -> str:
-        descriptions = _DESCRIPTIONS[self.task]
         width = max(len(k) for k in self._metrics)
         lines = [f"{self.task} metrics on {self.num_points} points",
                  f"{'metric':<{width}}  {'value':>10}  meaning"]
         for key, value in self._metrics.items():
-            meaning = descriptions[key].format(n_bins=self.n_bins, level=self.level)
+            meaning = _describe(self.task, key, self.n_bins, self.level)
             lines.append(f"{key:<{width}}  {value:>10.4f}  {meaning}")
         return "\n".join(lines)
 
@@ -99,34 +106,52 @@ def _classification(pred: CategoricalPredictive, y: Any, n_bins: int) -> dict[st
     }
 
 
-def _regression(pred: RegressionPredictive, y: Any, level: float) -> dict[str, float]:
+def _regression(pred: RegressionPredictive, y: Any, level: float,
+                per_output: bool) -> dict[str, float]:
     pred = reg_metrics._as_regression(pred)
     target = pred._target(y, "y")
     lower, upper = pred.interval(level)
-    return {
-        "rmse": reg_metrics.rmse(pred, target),
-        "nll": reg_metrics.regression_nll(pred, target),
-        "crps": reg_metrics.crps(pred, target),
-        "calibration_error": reg_metrics.regression_calibration_error(pred, target),
-        "coverage": reg_metrics.interval_coverage(lower, upper, target),
-        "width": reg_metrics.mean_interval_width(lower, upper),
-    }
+    metrics = {}
+    for flag in (False, True) if per_output else (False,):
+        values = {
+            "rmse": reg_metrics.rmse(pred, target, per_output=flag),
+            "nll": reg_metrics.regression_nll(pred, target, per_output=flag),
+            "crps": reg_metrics.crps(pred, target, per_output=flag),
+            "calibration_error": reg_metrics.regression_calibration_error(
+                pred, target, per_output=flag),
+            "coverage": reg_metrics.interval_coverage(lower, upper, target, per_output=flag),
+            "width": reg_metrics.mean_interval_width(lower, upper, per_output=flag),
+        }
+        if not flag:
+            metrics.update(values)
+            if pred.num_outputs > 1:
+                metrics["joint_coverage"] = reg_metrics.interval_coverage(
+                    lower, upper, target, joint=True)
+            continue
+        for key, per in values.items():
+            metrics.update({f"{key}[{d}]": v for d, v in enumerate(per)})
+    return metrics
 
 
 def evaluate(pred: CategoricalPredictive | RegressionPredictive, y: Any, *,
-             level: float = 0.9, n_bins: int = 15) -> EvaluationReport:
+             level: float = 0.9, n_bins: int = 15,
+             per_output: bool = False) -> EvaluationReport:
     """Every metric that fits the predictive's task, in one report.
 
     Classification (a CategoricalPredictive, ``y`` labels [N]): ``accuracy``, ``nll``,
     ``ece``, ``mce``, ``ace``, ``brier``. Regression (a Gaussian or mixture predictive,
-    ``y`` targets of the mean's shape): ``rmse``, ``nll``, ``crps``,
-    ``calibration_error``, ``coverage`` and ``width`` of the central ``level`` interval.
+    ``y`` targets of the mean's shape [N] or [N, D]): ``rmse``, ``nll``, ``crps``,
+    ``calibration_error``, ``coverage`` and ``width`` of the central ``level`` interval,
+    pooled over the D outputs, and with D > 1 ``joint_coverage`` (points with all D
+    targets inside).
 
     Args:
         pred: the predictive to score.
         y: labels or targets.
         level: interval level in (0, 1) for coverage and width.
         n_bins: number of calibration bins for ECE, MCE and adaptive ECE.
+        per_output: for regression, also each output's metrics as ``"rmse[0]"``,
+            ``"rmse[1]"``, ... (after the pooled ones).
 
     Returns:
         An :class:`EvaluationReport` (a mapping name -> float; ``print`` shows a table).
@@ -134,9 +159,12 @@ def evaluate(pred: CategoricalPredictive | RegressionPredictive, y: Any, *,
     level = check_fraction(level, "level")
     n_bins = check_positive_int(n_bins, "n_bins")
     if isinstance(pred, CategoricalPredictive):
+        if per_output:
+            raise InputError("`per_output` applies to regression predictives; a "
+                             "classifier has one output")
         metrics, task = _classification(pred, y, n_bins), "classification"
     elif isinstance(pred, RegressionPredictive):
-        metrics, task = _regression(pred, y, level), "regression"
+        metrics, task = _regression(pred, y, level, bool(per_output)), "regression"
     else:
         raise InputError(
             f"`pred` must be a CategoricalPredictive, GaussianPredictive or "

@@ -11,7 +11,12 @@ from typing import Any
 
 import torch
 
-from bayesify._validation import as_tensor, check_positive_int, check_probabilities
+from bayesify._validation import (
+    as_tensor,
+    check_choice,
+    check_positive_int,
+    check_probabilities,
+)
 from bayesify.calibration._recalibrated import RecalibratedPredictive
 from bayesify.calibration.recalibration import (
     VarianceScaling,
@@ -99,12 +104,20 @@ class IsotonicRecalibration(_Recalibrator):
             predictive many times too narrow puts targets where its CDF rounds to 1 in
             float64 (beyond 8.2 standard deviations), and no map of those values can
             recover the upper tail; the stretch keeps the CDF values resolvable.
+            ``True`` (or ``"shared"``) uses one factor, ``"per_output"`` one per output
+            of a [N, D] predictive, ``False`` none.
+
+    Multi-output predictives [N, D] get one map R fitted on the PIT values of all
+    N * D entries (outputs are exchangeable after a per-output prescale); the
+    recalibrated predictive applies it to every output.
     """
 
-    def __init__(self, max_knots: int = 256, prescale: bool = True):
+    def __init__(self, max_knots: int = 256, prescale: bool | str = True):
         self.max_knots = check_positive_int(max_knots, "max_knots", minimum=2)
-        self.prescale = bool(prescale)
-        self._scale: float | None = None
+        if prescale is True or prescale is False:
+            prescale = "shared" if prescale else "none"
+        self.prescale = check_choice(prescale, "prescale", ("shared", "per_output", "none"))
+        self._scale: float | torch.Tensor | None = None
 
     def _stretch(self, pred: RegressionPredictive) -> RegressionPredictive:
         if self._scale is None or not isinstance(pred, GaussianPredictive | MixturePredictive):
@@ -130,8 +143,10 @@ class IsotonicRecalibration(_Recalibrator):
             self.task = "regression"
             reg = _regression(pred, "pred")
             self._scale = None
-            if self.prescale and isinstance(reg, GaussianPredictive | MixturePredictive):
-                self._scale = VarianceScaling().fit(reg, y).scale
+            if self.prescale != "none" and isinstance(reg, GaussianPredictive |
+                                                      MixturePredictive):
+                per_output = self.prescale == "per_output"
+                self._scale = VarianceScaling(per_output=per_output).fit(reg, y).scale
             pit = self._stretch(reg).cdf(y).detach().double().reshape(-1).cpu()
             self._knots = _cdf_map(iso, pit, self.max_knots)
         else:

@@ -27,6 +27,7 @@ from bayesify.calibration.regression_metrics import (
     regression_nll,
     rmse,
 )
+from bayesify.errors import InputError
 from bayesify.predictive import RegressionPredictive
 
 __all__ = [
@@ -48,14 +49,19 @@ __all__ = [
 ]
 
 
-def negative_log_likelihood(pred: Any, y: Any) -> float:
+def negative_log_likelihood(pred: Any, y: Any, *,
+                            per_output: bool = False) -> float | list[float]:
     """Mean negative log predictive density/probability of ``y``, in nats.
 
     Dispatches on ``pred``: a GaussianPredictive, MixturePredictive or a
     ``(mean, variance)`` pair is scored by :func:`regression_nll` (log density summed
-    over outputs, averaged over points); a CategoricalPredictive or probabilities [N, C]
-    by :func:`classification_nll` with ``y`` the class labels [N].
+    over outputs, averaged over points; ``per_output=True`` gives each output's, a list
+    of D floats); a CategoricalPredictive or probabilities [N, C] by
+    :func:`classification_nll` with ``y`` the class labels [N].
     """
     if isinstance(pred, RegressionPredictive | tuple | list):
-        return regression_nll(pred, y)
+        return regression_nll(pred, y, per_output=per_output)
+    if per_output:
+        raise InputError("`per_output` applies to regression predictives; a classifier "
+                         "has one output")
     return classification_nll(pred, y)

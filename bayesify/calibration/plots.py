@@ -162,25 +162,42 @@ def calibration_curve_plot(pred: Any, y: Any, levels: Sequence[float] | None = N
     return fig
 
 
+def _column(values: Any, name: str, output: int | None) -> Any:
+    """Column ``output`` of [N, D] values (values as they are for ``None`` or [N])."""
+    if output is None or values is None:
+        return values
+    values = as_tensor(values, name, ndim=(1, 2), finite=False)
+    return values[:, output] if values.dim() == 2 else values
+
+
 def interval_plot(x: Any, pred: Any, y: Any = None, levels: Sequence[float] = (0.5, 0.9),
-                  ax: Any = None, *, bounds: dict[str, tuple[Any, Any]] | None = None) -> Any:
+                  ax: Any = None, *, bounds: dict[str, tuple[Any, Any]] | None = None,
+                  output: int | None = None) -> Any:
     """A 1-D regression plot: predictive mean, central interval bands, and the data.
 
     Args:
         x: inputs [N] (or [N, 1]).
-        pred: a regression predictive over the N inputs (one output).
-        y: targets [N] to scatter, or ``None``.
+        pred: a regression predictive over the N inputs: one output, or D with ``output``.
+        y: targets [N] ([N, D] with ``output``) to scatter, or ``None``.
         levels: interval levels drawn as bands, widest palest.
         ax: an Axes to draw on, or ``None`` for a new figure.
         bounds: extra named intervals ``{"conformal 90%": (lower, upper)}`` drawn as
-            dashed lines (each [N]).
+            dashed lines (each [N], or [N, D] with ``output``).
+        output: which output of a multi-output predictive to draw (its column of ``y``
+            and of the ``bounds`` too).
 
     Returns:
         The Figure: one band per level, the mean line, and the data points.
     """
     pred = _as_regression(pred)
+    if output is not None:
+        pred = pred.output(output)
+        y = _column(y, "y", output)
+        bounds = {name: (_column(lo, name, output), _column(hi, name, output))
+                  for name, (lo, hi) in (bounds or {}).items()}
     if pred.num_outputs != 1:
-        raise InputError(f"`pred` must have one output for a 1-D plot, got {pred.num_outputs}")
+        raise InputError(f"`pred` must have one output for a 1-D plot, got "
+                         f"{pred.num_outputs}; pass `output=` to draw one of them")
     xs = as_tensor(x, "x", ndim=(1, 2), dtype=torch.float64).reshape(pred.num_points, -1)
     if xs.shape[1] != 1:
         raise InputError(f"`x` must be one-dimensional [N], got {list(xs.shape)}")

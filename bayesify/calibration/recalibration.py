@@ -10,7 +10,8 @@ only sees Predictives:
 * :class:`~bayesify.calibration.IsotonicRecalibration` (in :mod:`.isotonic`): isotonic
   regression for classifiers and regressors.
 * :class:`VarianceScaling`: one factor s on the predictive standard deviation, fitted by
-  NLL (closed form for Gaussians), for Gaussian and mixture predictives.
+  NLL (closed form for Gaussians), for Gaussian and mixture predictives; shared by the
+  outputs of a [N, D] predictive, or one per output with ``per_output=True``.
 
 Raw inputs: the scaling classes read a raw classification tensor as **logits** ([N, C],
 [S, N, C] per-sample, or [N] binary logits of class 1); regression recalibrators take a
@@ -24,13 +25,9 @@ import abc
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from bayesify._validation import (
-    as_tensor,
-    check_labels,
-)
+from bayesify._validation import as_tensor, check_labels
 from bayesify.errors import InputError, NotFittedError
 from bayesify.predictive import (
     CategoricalPredictive,
@@ -40,20 +37,13 @@ from bayesify.predictive import (
     RegressionPredictive,
 )
 
-__all__ = [
-    "TemperatureScaling",
-    "VarianceScaling",
-    "VectorScaling",
-    "scale_logits",
-    "scale_predictive",
-]
+__all__ = ["TemperatureScaling", "VarianceScaling", "VectorScaling", "scale_logits",
+           "scale_predictive"]
 
 _LBFGS_ITERATIONS = 100
 
 
-# --------------------------------------------------------------------------------------
-# Input handling
-# --------------------------------------------------------------------------------------
+# ---- Input handling
 
 
 def _float(tensor: torch.Tensor) -> torch.Tensor:
@@ -111,9 +101,7 @@ def _labels(y: Any, num_points: int, num_classes: int, device: torch.device) -> 
     return check_labels(labels, "y", num_classes)
 
 
-# --------------------------------------------------------------------------------------
-# Math (pure functions)
-# --------------------------------------------------------------------------------------
+# ---- Math (pure functions)
 
 
 def scale_logits(log_probs: torch.Tensor, weight: torch.Tensor | float,
@@ -134,19 +122,34 @@ def categorical_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return -(torch.logsumexp(picked, dim=0) - log_num).mean()
 
 
-def gaussian_std_scale(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor) -> float:
-    """Maximum-likelihood factor s on the std of N(mean, variance): sqrt(mean(r^2 / var))."""
+def gaussian_std_scale(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor, *,
+                       per_output: bool = False) -> float | torch.Tensor:
+    """Maximum-likelihood factor s on the std of N(mean, variance): sqrt(mean(r^2 / var)).
+
+    Args:
+        mean, variance, y: [N] or [N, D].
+        per_output: one factor per output, a float64 tensor [D] (mean over the N
+            points of each column), instead of one float over all entries.
+    """
     var = variance.clamp_min(torch.finfo(variance.dtype).tiny)
-    return float(((y - mean) ** 2 / var).mean().sqrt())
+    ratio = (y - mean) ** 2 / var
+    if per_output:
+        columns = ratio if ratio.dim() == 2 else ratio[:, None]
+        return columns.mean(0).sqrt().double().cpu()
+    return float(ratio.mean().sqrt())
 
 
-def scale_predictive(pred: RegressionPredictive, scale: float) -> RegressionPredictive:
+def scale_predictive(pred: RegressionPredictive,
+                     scale: float | torch.Tensor) -> RegressionPredictive:
     """The predictive of mean + scale * (Y - mean): same type, std times ``scale``.
 
     A mixture's component means spread out about the mixture mean by ``scale`` and its
     component variances grow by ``scale**2``, so the shape of the mixture is kept and
-    its aleatoric/epistemic split scales by ``scale**2`` alike.
+    its aleatoric/epistemic split scales by ``scale**2`` alike. ``scale`` is one number,
+    or one per output [D] for a [N, D] predictive.
     """
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(dtype=pred.mean.dtype, device=pred.mean.device)
     if isinstance(pred, GaussianPredictive):
         aleatoric = pred._aleatoric_variance
         return GaussianPredictive(pred.mean, pred.variance * scale ** 2,
@@ -164,7 +167,8 @@ def _scaled_nll(pred: RegressionPredictive, y: torch.Tensor,
     """Mean NLL of y under mean + s (Y - mean), s = exp(log_scale), by change of variables."""
     center = pred.mean
     unscaled = center + (y - center) * torch.exp(-log_scale)
-    return -(pred.log_prob(unscaled).mean() - pred.num_outputs * log_scale)
+    log_jacobian = log_scale.sum() if log_scale.dim() else pred.num_outputs * log_scale
+    return -(pred.log_prob(unscaled).mean() - log_jacobian)
 
 
 def _minimize(params: list[torch.Tensor], objective: Any) -> None:
@@ -183,9 +187,7 @@ def _minimize(params: list[torch.Tensor], objective: Any) -> None:
         optimizer.step(closure)
 
 
-# --------------------------------------------------------------------------------------
-# Recalibrators
-# --------------------------------------------------------------------------------------
+# ---- Recalibrators
 
 
 class _Recalibrator:
@@ -332,13 +334,20 @@ class VectorScaling(_LogitScaling):
 
 
 class VarianceScaling(_Recalibrator):
-    """One factor s on the predictive standard deviation, fitted by NLL.
+    """A factor s on the predictive standard deviation, fitted by NLL.
 
     For a GaussianPredictive s has the closed form sqrt(mean((y - mean)^2 / variance));
     for a MixturePredictive the whole mixture is stretched about its mean
     (mean + s (Y - mean)) and s is fitted by L-BFGS on log s. The mean never changes.
-    Multi-output predictives share one s.
+
+    Args:
+        per_output: for multi-output predictives [N, D], fit one factor per output
+            (s [D]; outputs over- and under-dispersed in different ways are each fixed)
+            instead of one factor shared by all outputs (the default).
     """
+
+    def __init__(self, *, per_output: bool = False):
+        self.per_output = bool(per_output)
 
     def fit(self, pred: Any, y: Any) -> VarianceScaling:
         """Fit on held-out predictions.
@@ -357,25 +366,30 @@ class VarianceScaling(_Recalibrator):
                              f"got {type(pred).__name__}")
         pred = pred.to(dtype=torch.float64)
         target = pred._target(y).detach()
-        scale = gaussian_std_scale(pred.mean, pred.variance, target)
-        if not scale > 0:
+        scale = gaussian_std_scale(pred.mean, pred.variance, target,
+                                   per_output=self.per_output)
+        if not bool(torch.all(torch.as_tensor(scale) > 0)):
+            which = "" if not self.per_output else \
+                f" of output {int(torch.as_tensor(scale).argmin())}"
             raise InputError(
-                "`y` equals the predictive mean at every point (all residuals are exactly "
-                "zero), so the maximum-likelihood variance scale is 0 and would collapse the "
-                "predictive; fit VarianceScaling on held-out data the model did not fit "
-                "exactly")
+                f"`y` equals the predictive mean at every point{which} (all residuals are "
+                "exactly zero), so the maximum-likelihood variance scale is 0 and would "
+                "collapse the predictive; fit VarianceScaling on held-out data the model "
+                "did not fit exactly")
         if isinstance(pred, MixturePredictive):
-            log_scale = torch.tensor(np.log(max(scale, 1e-12)), dtype=torch.float64,
-                                     device=target.device).requires_grad_()
+            start = torch.as_tensor(scale, dtype=torch.float64).clamp_min(1e-12).log()
+            log_scale = start.to(target.device).clone().requires_grad_()
             _minimize([log_scale], lambda: _scaled_nll(pred, target, log_scale))
-            scale = float(torch.exp(log_scale.detach()))
+            fitted = log_scale.detach().exp().cpu()
+            scale = fitted if self.per_output else float(fitted)
         self._scale = scale
         self._fitted = True
         return self
 
     @property
-    def scale(self) -> float:
-        """The fitted factor s on the standard deviation (> 1 widens the predictive)."""
+    def scale(self) -> float | torch.Tensor:
+        """The fitted factor s on the standard deviation (> 1 widens the predictive):
+        a float, or float64 [D] with ``per_output``."""
         self._check_fitted()
         return self._scale
 
@@ -389,4 +403,8 @@ class VarianceScaling(_Recalibrator):
             The same predictive type, in the input's dtype.
         """
         self._check_fitted()
-        return scale_predictive(_regression(pred, "pred"), self._scale)
+        pred = _regression(pred, "pred")
+        if self.per_output and pred.num_outputs != self._scale.shape[0]:
+            raise InputError(f"`pred` has {pred.num_outputs} output(s) but the scaling was "
+                             f"fitted per output on {self._scale.shape[0]}")
+        return scale_predictive(pred, self._scale)

@@ -7,6 +7,9 @@ A regression predictive here is a :class:`~bayesify.predictive.GaussianPredictiv
 are interchangeable for one output). Everything is computed in float64 and returned as
 a Python float. With several outputs, NLL sums the log density over outputs and
 averages over points; every other metric averages over all N * D entries.
+``per_output=True`` returns one value per output instead (a list of D floats), and
+:func:`interval_coverage` with ``joint=True`` counts a point as covered only when all
+of its D targets are inside.
 """
 
 from __future__ import annotations
@@ -64,6 +67,14 @@ def _as_regression(pred: Any, name: str = "pred") -> RegressionPredictive:
                                                   dtype=torch.float64, device=mean.device))
     raise InputError(f"`{name}` must be a GaussianPredictive, a MixturePredictive or a "
                      f"(mean, variance) pair, got {type(pred).__name__}")
+
+
+def _reduce(values: torch.Tensor, per_output: bool) -> float | list[float]:
+    """Mean of [N] or [N, D] values over all entries, or per output (a list of D)."""
+    if not per_output:
+        return float(values.mean())
+    columns = values if values.dim() == 2 else values[:, None]
+    return [float(v) for v in columns.mean(0)]
 
 
 def _match(y: Any, like: torch.Tensor, name: str, *, finite: bool = True) -> torch.Tensor:
@@ -186,32 +197,38 @@ def crps_quadrature(pred: RegressionPredictive, y: torch.Tensor,
 # --------------------------------------------------------------------------------------
 
 
-def regression_nll(pred: Any, y: Any) -> float:
+def regression_nll(pred: Any, y: Any, *, per_output: bool = False) -> float | list[float]:
     """Mean over points of -log p(y | x), summing over outputs (Gaussian or mixture).
 
     Args:
         pred: a Gaussian/Mixture predictive or a (mean, variance) pair, [N] or [N, D].
         y: targets, shape of the mean.
+        per_output: return the mean NLL of each output's marginal, a list of D floats
+            (they sum to the default value).
     """
     pred = _as_regression(pred)
-    return float(-pred.log_prob(y).mean())
+    if not per_output:
+        return float(-pred.log_prob(y).mean())
+    return _reduce(-pred._log_prob_elementwise(pred._target(y, "y")), True)
 
 
-def rmse(pred: Any, y: Any) -> float:
+def rmse(pred: Any, y: Any, *, per_output: bool = False) -> float | list[float]:
     """Root mean squared error of the predictive mean over all N * D entries.
 
     Args:
         pred: a regression predictive, a (mean, variance) pair, or the mean [N] / [N, D].
         y: targets, shape of the mean.
+        per_output: return the RMSE of each output, a list of D floats.
     """
     if isinstance(pred, Predictive | tuple | list):
         mean = _as_regression(pred).mean
     else:
         mean = as_tensor(pred, "pred", dtype=torch.float64, ndim=(1, 2))
-    return float(((mean - _match(y, mean, "y")) ** 2).mean().sqrt())
+    squared = _reduce((mean - _match(y, mean, "y")) ** 2, per_output)
+    return [v ** 0.5 for v in squared] if per_output else squared ** 0.5
 
 
-def crps(pred: Any, y: Any) -> float:
+def crps(pred: Any, y: Any, *, per_output: bool = False) -> float | list[float]:
     """Mean continuous ranked probability score (lower is better, >= 0).
 
     Exact where a closed form exists: for a Gaussian, for a Gaussian mixture (Grimit et
@@ -224,6 +241,7 @@ def crps(pred: Any, y: Any) -> float:
             tensor or array of predictive samples [S, N] or [S, N, D] (a tuple or list
             is always read as a (mean, variance) pair).
         y: targets [N] or [N, D].
+        per_output: return the mean CRPS of each output, a list of D floats.
 
     Returns:
         CRPS averaged over all N * D entries, in the units of ``y``.
@@ -231,7 +249,7 @@ def crps(pred: Any, y: Any) -> float:
     if not isinstance(pred, Predictive | tuple | list):
         samples = as_tensor(pred, "pred", dtype=torch.float64, ndim=(2, 3))
         target = _match(y, samples[0], "y")
-        return float(crps_samples(samples, target).mean())
+        return _reduce(crps_samples(samples, target), per_output)
     pred = _as_regression(pred)
     target = pred._target(y, "y")
     if isinstance(pred, MixturePredictive):
@@ -240,7 +258,7 @@ def crps(pred: Any, y: Any) -> float:
         values = crps_gaussian(pred.mean, pred.variance, target)
     else:
         values = crps_quadrature(pred, target)
-    return float(values.mean())
+    return _reduce(values, per_output)
 
 
 def _default_levels(device: torch.device) -> torch.Tensor:
@@ -248,7 +266,8 @@ def _default_levels(device: torch.device) -> torch.Tensor:
 
 
 def regression_calibration_error(pred: Any, y: Any,
-                                 levels: Sequence[float] | torch.Tensor | None = None) -> float:
+                                 levels: Sequence[float] | torch.Tensor | None = None, *,
+                                 per_output: bool = False) -> float | list[float]:
     """Mean absolute gap between expected and observed quantile coverage.
 
     For each level p_j the observed frequency is the fraction of entries with
@@ -260,16 +279,27 @@ def regression_calibration_error(pred: Any, y: Any,
         pred: a Gaussian/Mixture predictive or a (mean, variance) pair.
         y: targets, shape of the mean.
         levels: quantile levels in (0, 1) [Q]; default 0.01, 0.02, ..., 0.99.
+        per_output: return the error of each output's PIT values, a list of D floats
+            (the default pools the N * D PIT values).
     """
     pred = _as_regression(pred)
-    pit = pred.cdf(y).reshape(-1)
+    pit = pred.cdf(y)
     if levels is None:
         p = _default_levels(pit.device)
     else:
         p = as_tensor(levels, "levels", dtype=torch.float64, device=pit.device).reshape(-1)
         if bool(((p <= 0) | (p >= 1)).any()):
             raise InputError(f"`levels` must lie in (0, 1), got {p.tolist()}")
-    observed = torch.searchsorted(torch.sort(pit).values, p, right=True) / pit.shape[0]
+    if not per_output:
+        return _pit_error(pit.reshape(-1), p)
+    columns = pit if pit.dim() == 2 else pit[:, None]
+    return [_pit_error(columns[:, d], p) for d in range(columns.shape[1])]
+
+
+def _pit_error(pit: torch.Tensor, p: torch.Tensor) -> float:
+    """mean_j |p_j - fraction of PIT values [M] <= p_j|."""
+    # Counts / M in float64 (int64 / int would give the default float32).
+    observed = torch.searchsorted(torch.sort(pit).values, p, right=True).double() / pit.shape[0]
     return float((p - observed).abs().mean())
 
 
@@ -287,23 +317,34 @@ def _interval(lower: Any, upper: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def interval_coverage(lower: Any, upper: Any, y: Any) -> float:
+def interval_coverage(lower: Any, upper: Any, y: Any, *, per_output: bool = False,
+                      joint: bool = False) -> float | list[float]:
     """Fraction of entries with lower <= y <= upper (closed intervals).
 
     Args:
         lower, upper: interval bounds [N] or [N, D] (e.g. from ``pred.interval(level)``).
         y: targets, same shape.
+        per_output: return the coverage of each output, a list of D floats.
+        joint: return the fraction of points whose D targets are all inside their
+            intervals (what a joint conformal box guarantees).
     """
+    if per_output and joint:
+        raise InputError("pass `per_output=True` or `joint=True`, not both")
     lo, hi = _interval(lower, upper)
     target = _match(y, lo, "y")
-    return float(((lo <= target) & (target <= hi)).double().mean())
+    inside = ((lo <= target) & (target <= hi)).double()
+    if joint:
+        return float((inside if inside.dim() == 1 else inside.amin(1)).mean())
+    return _reduce(inside, per_output)
 
 
-def mean_interval_width(lower: Any, upper: Any) -> float:
+def mean_interval_width(lower: Any, upper: Any, *,
+                        per_output: bool = False) -> float | list[float]:
     """Mean of upper - lower over all entries.
 
     Args:
         lower, upper: interval bounds [N] or [N, D].
+        per_output: return the mean width of each output, a list of D floats.
     """
     lo, hi = _interval(lower, upper)
-    return float((hi - lo).mean())
+    return _reduce(hi - lo, per_output)

@@ -39,9 +39,25 @@ class NetworkLikelihoodMixin:
     task: str
     noise: GaussianNoise | None
 
-    def _init_likelihood(self, noise: Any, num_outputs: int | None) -> None:
-        """Set ``self.noise`` and ``self.likelihood`` (call before converting layers)."""
+    def _init_likelihood(self, noise: Any, num_outputs: int | None, *,
+                         noise_param: str | None = None, beta: float = 0.0) -> None:
+        """Set ``self.noise`` and ``self.likelihood`` (call before converting layers).
+
+        Args:
+            noise: ``"homoscedastic"``, ``"heteroscedastic"`` or a fixed noise std.
+            num_outputs: D, or ``None`` to read it off the model's last layer (halved
+                for a heteroscedastic network's [N, 2D] output).
+            noise_param: how a heteroscedastic network's noise columns give the
+                variance (:data:`~bayesify.likelihoods.NOISE_PARAMETERIZATIONS`).
+            beta: β of the β-NLL training loss for heteroscedastic noise (0: the NLL).
+        """
         self.noise = None
+        if self.task == "classification":
+            for name, value, default in (("noise_param", noise_param, None),
+                                         ("beta", beta, 0.0)):
+                if value != default:
+                    raise InputError(f"`{name}` applies to task='regression', got "
+                                     f"{name}={value!r} for classification")
         if self.task == "regression":
             width = num_outputs
             if width is None:
@@ -53,11 +69,11 @@ class NetworkLikelihoodMixin:
                     if width % 2:
                         raise InputError(
                             "noise='heteroscedastic' needs a model with 2*D outputs (means, "
-                            f"then raw noise scales); its last layer has {width}"
+                            f"then raw noise columns); its last layer has {width}"
                         )
                     width //= 2
-            self.noise = GaussianNoise(noise, num_outputs=width, dtype=self.dtype,
-                                       device=self.device)
+            self.noise = GaussianNoise(noise, num_outputs=width, noise_param=noise_param,
+                                       beta=beta, dtype=self.dtype, device=self.device)
             self.likelihood = GaussianLikelihood(self.noise.split)
 
     def _nll(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -97,21 +113,36 @@ class DeterministicModel(NetworkLikelihoodMixin, BayesianModel):
             (regression; [N, 2D] with ``noise="heteroscedastic"``).
         task: ``"classification"`` or ``"regression"``.
         noise: regression noise model: ``"homoscedastic"`` (learned, default),
-            ``"heteroscedastic"`` or a fixed standard deviation.
+            ``"heteroscedastic"`` (the network outputs means then noise columns) or a
+            fixed standard deviation.
+        noise_param: how a heteroscedastic network's noise columns r give the variance:
+            ``"softplus"`` (σ² = softplus(r), default), ``"softplus_std"``,
+            ``"log_variance"`` (σ² = exp(r)) or ``"log_std"``.
+        beta: β-NLL exponent in [0, 1] for training a heteroscedastic network
+            (Seitzer et al., 2022); 0 (default) trains on the plain NLL.
         num_outputs: D, when it cannot be read off the model's last layer.
         n_data: unused by this method (kept for a uniform signature).
 
-    A classifier wraps as fitted (its weights are the whole model); a regressor needs
-    ``fit`` to learn its noise unless ``noise`` is a fixed number.
+    A classifier wraps as fitted (its weights are the whole model), and so does a
+    regressor whose noise is heteroscedastic (the network outputs it) or fixed: a
+    pretrained network predicts at once. A homoscedastic regressor needs ``fit`` to
+    learn its noise.
+
+    Example:
+        >>> # a pretrained network whose output is [mean, log-variance] per target
+        >>> bm = bayesify(net, "deterministic", task="regression",
+        ...               noise="heteroscedastic", noise_param="log_variance")
+        >>> pred = bm.predict(x)              # GaussianPredictive, no fit needed
     """
 
     def __init__(self, model: nn.Module, task: str, *, noise: Any = "homoscedastic",
+                 noise_param: str | None = None, beta: float = 0.0,
                  num_outputs: int | None = None, n_data: int | None = None):
         if model is None:
             raise InputError("`model` is None; the deterministic method needs a network")
         super().__init__(model, task, n_data=n_data)
-        self._init_likelihood(noise, num_outputs)
-        if task == "classification" or self.noise.kind == "fixed":
+        self._init_likelihood(noise, num_outputs, noise_param=noise_param, beta=beta)
+        if task == "classification" or self.noise.kind != "homoscedastic":
             self._mark_fitted()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

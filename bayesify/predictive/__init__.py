@@ -14,17 +14,16 @@ Three types cover every method in bayesify:
   never a moment-matched Gaussian.
 
 All tensors stay on the device and dtype they were given. Multi-output regression
-treats outputs as independent given the input: ``log_prob`` sums over the output
-dimension and returns one value per point.
+([N, D] means) treats outputs as independent given the input: ``log_prob`` sums the
+marginal log densities over the output dimension and returns one value per point;
+``output(d)`` gives the predictive of one output (mean [N]), and a mixture's
+``joint_log_prob`` the exact density of its joint components.
 """
 
 from bayesify.predictive.base import Predictive
 from bayesify.predictive.categorical import CategoricalPredictive
-from bayesify.predictive.regression import (
-    GaussianPredictive,
-    MixturePredictive,
-    RegressionPredictive,
-)
+from bayesify.predictive.mixture import MixturePredictive
+from bayesify.predictive.regression import GaussianPredictive, RegressionPredictive
 
 __all__ = [
     "CategoricalPredictive",

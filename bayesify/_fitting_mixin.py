@@ -58,7 +58,8 @@ class FittingMixin:
         device and dtype (a method may yield cached features instead)."""
         batches = make_train_batches(train, task=self.task, dtype=self.dtype,
                                      device=self.device, batch_size=batch_size,
-                                     shuffle=shuffle, generator=generator)
+                                     shuffle=shuffle, generator=generator,
+                                     label_key=self.label_key)
         if batches.num_rows == 0 and not len(batches):
             raise InputError("`train` is empty; pass at least one training example")
         return batches

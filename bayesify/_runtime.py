@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from bayesify._batching import num_rows
 from bayesify.errors import BayesifyWarning, NumericalError
 from bayesify.posterior import Posterior, SampledPosterior
 
@@ -35,11 +37,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return generator
 
 
-def with_offsets(batches: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+def with_offsets(batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
     start = 0
     for batch in batches:
         yield start, batch
-        start += batch.shape[0]
+        start += num_rows(batch)
 
 
 def check_outputs(posterior: Posterior, start: int, *, first: bool, task: str) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 
 from bayesify._batching import iter_inputs, to_inputs
 from bayesify._fitting_mixin import FittingMixin
+from bayesify._network import OutputFn, call_network
 from bayesify._runtime import (
     check_outputs,
     make_generator,
@@ -72,6 +73,9 @@ _BUILTIN_MODULES: dict[str, str] = {
     "vi": "bayesify.inference.vi",
     "hmc": "bayesify.inference.hmc",
     "gp": "bayesify.inference.gp",
+    "laplace": "bayesify.inference.laplace",
+    "ensemble": "bayesify.inference.ensemble",
+    "swag": "bayesify.inference.swag",
 }
 _REGISTRY: dict[str, type[BayesianModel]] = {}
 
@@ -151,6 +155,11 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
         self.task = task
         self.n_data = None if n_data is None else check_positive_int(n_data, "n_data")
         self.register_buffer("_fitted", torch.tensor(self.fitted_at_init))
+        #: Picks the logits/means from a network output that is not a tensor (see
+        #: :mod:`bayesify._network`); set by ``bayesify(..., output=)``.
+        self.output: OutputFn | None = None
+        #: The key of mapping batches that holds the labels (default 'labels'/'label').
+        self.label_key: str | None = None
         #: Maps ``posterior(x)`` to a Predictive; regression methods set their own.
         self.likelihood: Likelihood = CategoricalLikelihood()
         #: Per-epoch mean training loss of the last gradient ``fit``.
@@ -198,6 +207,14 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
                 f"this {type(self).__name__} is not fitted yet; call .fit(train) before "
                 f".{action}(), or .finish_fit() after training it in your own loop with "
                 ".loss(x, y)")
+
+    def call_network(self, x: Any, params: dict[str, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+        """The wrapped network's raw output [N, K] at inputs ``x`` (a tensor, a mapping of
+        keyword inputs or a tuple of positional ones), with ``params`` substituted when
+        given; outputs that are not a tensor are reduced by ``output=`` or the rule of
+        :mod:`bayesify._network`."""
+        return call_network(self.model, x, params=params, output=self.output)
 
     # ---------------------------------------------------------------- the contract
 
@@ -290,8 +307,9 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
         outputs = []
         with preserve_training_flags(self):
             self.eval()
-            for start, xb in with_offsets(iter_inputs(x, dtype=self.dtype, device=self.device,
-                                                       batch_size=batch_size)):
+            batches = iter_inputs(x, dtype=self.dtype, device=self.device,
+                                  batch_size=batch_size, label_key=self.label_key)
+            for start, xb in with_offsets(batches):
                 posterior = self.posterior(xb, num_samples=num_samples, generator=generator)
                 check_outputs(posterior, start, first=not outputs, task=self.task)
                 outputs.append(self.likelihood(posterior, num_samples=num_samples,
@@ -341,7 +359,10 @@ def bayesify(
         method: a registered name (see :func:`available_methods`) or a
             BayesianModel subclass.
         task: ``"classification"`` or ``"regression"``.
-        **options: the method's own options (see its class docstring).
+        **options: the method's own options (see its class docstring), and for every
+            method ``output=`` (a callable picking the logits or means from a network
+            output that is not a tensor) and ``label_key=`` (the key of mapping batches
+            holding the labels; 'labels' or 'label' by default).
 
     Returns:
         A :class:`BayesianModel`; call ``.fit`` then ``.predict``.
@@ -360,6 +381,13 @@ def bayesify(
                          f"got {type(method).__name__}")
     if model is not None and not isinstance(model, nn.Module):
         raise InputError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    output = options.pop("output", None)
+    label_key = options.pop("label_key", None)
+    if output is not None and not callable(output):
+        raise InputError(f"`output` must be a callable that picks the logits or means from "
+                         f"the network's output, got {type(output).__name__}")
+    if label_key is not None and not isinstance(label_key, str):
+        raise InputError(f"`label_key` must be a str, got {type(label_key).__name__}")
     signature = inspect.signature(cls.__init__)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     if not accepts_any:
@@ -371,5 +399,8 @@ def bayesify(
                                  f"its options are {', '.join(valid)}")
     if copy_model and model is not None:
         model = copy.deepcopy(model)
-    return cls(model, task=task, **options)
+    bm = cls(model, task=task, **options)
+    bm.output = output
+    bm.label_key = label_key
+    return bm
 

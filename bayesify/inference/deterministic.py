@@ -96,7 +96,7 @@ class NetworkLikelihoodMixin:
             return
         residuals = []
         for x, y in batches:
-            output = self.model(x)
+            output = self.call_network(x)
             self.noise.check_output(output)
             residuals.append(regression_targets(y, self.noise.num_outputs) - output)
             if sum(r.shape[0] for r in residuals) >= 4096:
@@ -146,10 +146,10 @@ class DeterministicModel(NetworkLikelihoodMixin, BayesianModel):
             self._mark_fitted()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._point(self.model(x))
+        return self._point(self.call_network(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._nll(self.model(x), y)
+        return self._nll(self.call_network(x), y)
 
     def on_fit_start(self, batches: Any) -> None:
         if not self.is_fitted:
@@ -158,4 +158,4 @@ class DeterministicModel(NetworkLikelihoodMixin, BayesianModel):
     def _posterior(self, x: torch.Tensor, num_samples: int | None,
                    generator: torch.Generator | None) -> GaussianPosterior:
         """A point mass at the network's output [N, K]."""
-        return GaussianPosterior(self.model(x))
+        return GaussianPosterior(self.call_network(x))

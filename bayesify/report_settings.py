@@ -66,6 +66,10 @@ REPORT_SETTINGS: dict[tuple[str, str], Settings] = {
     ("gp", "classification"): {
         "options": {"inference": "variational", "num_inducing": 32, "ard": False},
         "fit": {"epochs": 8, "lr": 0.05, "batch_size": 256}},
+    # Post hoc on the pretrained MLP: last-layer K-FAC, probit, prior (and the
+    # regression noise) by marginal likelihood.
+    ("laplace", "classification"): {"options": {}, "fit": {}},
+    ("laplace", "regression"): {"options": {}, "fit": {}},
     # Five networks trained like the deterministic row (reinitialize="all": a deep
     # ensemble). 150 epochs overfit diabetes (NLL 1.35); 30 match the deterministic row.
     ("ensemble", "classification"): {"options": {"members": 5, "reinitialize": "all"},

@@ -1,0 +1,121 @@
+"""Laplace predictions: the GLM (linearized) posterior over outputs and sampled weights.
+
+:class:`LaplacePredictionMixin` gives :class:`~bayesify.inference.laplace.LaplaceModel`
+its ``_posterior``: f(x*) ~ N(f(x*; θ_MAP), J* Σ J*ᵀ) with J* Σ J*ᵀ in closed form in
+the head's features for a last layer (never a [B, C, P] Jacobian) and from
+``torch.func`` Jacobians otherwise, in chunks sized to ``max_memory``; joint over the q
+points of each block for regression; or the network at weights θ ~ N(θ_MAP, Σ)
+(``predictive="nn"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from bayesify.core import preserve_training_flags
+from bayesify.inference.laplace_fit import chunk_rows
+from bayesify.layers.laplace_curvature import as_outputs, batch_jacobian
+from bayesify.layers.laplace_layout import check_memory
+from bayesify.layers.laplace_posterior import factor_dtype
+from bayesify.posterior import GaussianPosterior, Posterior, SampledPosterior, reshape_points
+
+__all__ = ["LaplacePredictionMixin"]
+
+
+class LaplacePredictionMixin:
+    """``_posterior`` of a Laplace approximation (see the module docstring)."""
+
+    model: Any
+    task: str
+
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> Posterior:
+        """GLM: a GaussianPosterior with mean [N, K] and variances [N, K] (probit and
+        regression), covariances [N, C, C] (MC, bridge) or, for regression blocks
+        x [b, q, ...], joint covariances [b, K, q, q]; ``predictive="nn"``: a
+        SampledPosterior [S, N, K]."""
+        blocks = None
+        if x.dim() == int(self.input_ndim) + 1:
+            blocks = tuple(x.shape[:2])
+            x = x.reshape(-1, *x.shape[2:])
+        with preserve_training_flags(self.model):
+            self.model.eval()
+            if self.predictive == "nn":
+                samples = SampledPosterior(self._weight_samples(x, num_samples, generator))
+                return samples if blocks is None else reshape_points(samples, blocks)
+            joint = blocks is not None and self.task == "regression"
+            if self.task == "regression":
+                mode = "joint" if joint else "diag"
+            else:
+                mode = "diag" if self.likelihood.approximation == "probit" else "output"
+            mean, cov = self._glm(x, mode, blocks if joint else None)
+        kind = {"diag": "diagonal", "output": "output", "joint": "joint"}[mode]
+        if joint:
+            return GaussianPosterior(mean.reshape(*blocks, -1), cov, kind="joint")
+        post = GaussianPosterior(mean, cov, kind=kind)
+        return post if blocks is None else reshape_points(post, blocks)
+
+    def _glm(self, x: torch.Tensor, mode: str, blocks: tuple[int, int] | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean [N, K] and J Σ Jᵀ in ``mode`` (joint: [b, K, q, q]), in chunks."""
+        fac = self._factor()
+        n = x.shape[0]
+        k = self.num_outputs
+        item = 8 if factor_dtype(self.device) == torch.float64 else 4
+        if not self.last_layer or (self.hessian == "full" and mode == "output"):
+            per_row = k * self.num_covered * item * 4      # Jacobians, or [C, C, D] blocks
+        elif self.hessian == "lowrank":
+            per_row = (self.head.in_features + k * (self.rank + 2)) * item * 4
+        else:
+            per_row = (self.head.in_features + k) * item * 4
+        per_row += k * k * item * 2 if mode == "output" else 0
+        if mode == "output":
+            check_memory(n * k * k * item, f"the covariance over {k} classes of {n} inputs",
+                         self.max_memory, "use approximation='probit' (diagonal only) or a "
+                         "smaller predict(batch_size=...)")
+        step = blocks[1] if blocks else 1
+        rows = chunk_rows(per_row * step, self.max_memory, "the predictive covariance",
+                          "use hessian='kron' or 'diag'") * step
+        means, covs = [], []
+        center = self.task == "classification" and mode == "diag"
+        for start in range(0, n, rows):
+            xb = x[start:start + rows]
+            if self.last_layer:
+                f, phi = self._features(xb)
+                if blocks:
+                    phi = phi.reshape(-1, blocks[1], phi.shape[-1])
+                cov = self.structure.ll_cov(fac, phi, k, mode, center)
+            else:
+                index = self.subnet_index if self.subset == "subnetwork" else None
+                f, jac = batch_jacobian(self.model, self.layout, xb, index)
+                if blocks:
+                    jac = jac.reshape(-1, blocks[1], *jac.shape[1:])
+                cov = self.structure.jac_cov(fac, jac, mode, center)
+            means.append(f)
+            covs.append(cov.to(self.dtype))
+        return torch.cat(means), torch.cat(covs)
+
+    def _weight_samples(self, x: torch.Tensor, num_samples: int | None,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        """Outputs at S weight draws θ ~ N(θ_MAP, Σ), [S, N, K]."""
+        s = num_samples or self.default_num_samples
+        fac = self._factor()
+        z = torch.randn(s, self.num_covered, generator=generator, device=self.device,
+                        dtype=self.dtype)
+        theta = self._theta() + self.structure.sample(fac, z).to(self.dtype)
+        if self.last_layer:
+            f, phi = self._features(x)
+            w = theta.reshape(s, self.num_outputs, -1)
+            return torch.einsum("scd,nd->snc", w, phi)
+        full = self.layout.vector().expand(s, -1).clone() if self.subset == "subnetwork" \
+            else theta
+        if self.subset == "subnetwork":
+            full[:, self.subnet_index] = theta
+        outs = []
+        for i in range(s):
+            params = self.layout.unflatten(full[i])
+            outs.append(as_outputs(functional_call(self.model, params, (x,)), x.shape[0]))
+        return torch.stack(outs)

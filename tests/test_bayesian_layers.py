@@ -6,14 +6,21 @@ import pytest
 import torch
 from torch import nn
 
+from bayesify._linalg import gaussian_kl
 from bayesify.errors import InputError
 from bayesify.layers.bayesian import (
     BayesianConv2d,
     BayesianLinear,
-    gaussian_kl,
     inverse_softplus,
     sampling_mode,
 )
+
+
+def _normal_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """Elementwise KL(N(mu, sigma^2) || N(0, prior_std^2)) from torch.distributions."""
+    return torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, sigma),
+        torch.distributions.Normal(torch.zeros_like(mu), torch.full_like(mu, prior_std)))
 
 CONV_CASES = [
     dict(kernel_size=3, stride=1, padding=1),
@@ -70,23 +77,26 @@ def test_sampled_moments_match_the_closed_form(mode):
     assert ((draws.var(0) - var).abs() <= 5 * var * (2 / n) ** 0.5 + 1e-12).all()
 
 
-def test_gaussian_kl_matches_torch_distributions(dtype):
+def test_the_package_kl_in_mean_field_form_matches_torch_distributions(dtype):
+    # The one Gaussian KL of the package, with each entry a 1-d Gaussian.
     mu = torch.randn(10, dtype=dtype)
     sigma = torch.rand(10, dtype=dtype) + 0.1
-    expected = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mu, sigma),
-        torch.distributions.Normal(torch.zeros_like(mu), torch.full_like(mu, 0.7)))
-    torch.testing.assert_close(gaussian_kl(mu, sigma, 0.7), expected)
+    kl = gaussian_kl(mu[:, None], sigma**2, torch.log(sigma**2), 0.7**2)
+    torch.testing.assert_close(kl, _normal_kl(mu, sigma, 0.7))
 
 
 def test_kl_sums_over_active_weights_only(dtype):
     layer = BayesianLinear(6, 4, prior_std=0.5, init_std=0.1, dtype=dtype)
+    with torch.no_grad():
+        layer.bias_rho.normal_()
     mask = torch.rand(4, 6) < 0.5
     layer.set_mask(mask)
-    expected = (gaussian_kl(layer.weight_mu[mask], torch.full((int(mask.sum()),), 0.1,
-                                                               dtype=dtype), 0.5).sum()
-                + gaussian_kl(layer.bias_mu, layer.bias_std, 0.5).sum())
-    torch.testing.assert_close(layer.kl(), expected)
+    expected = (_normal_kl(layer.weight_mu[mask], torch.full((int(mask.sum()),), 0.1,
+                                                              dtype=dtype), 0.5).sum()
+                + _normal_kl(layer.bias_mu, layer.bias_std, 0.5).sum())
+    kl = layer.kl()
+    torch.testing.assert_close(kl, expected)
+    assert kl.dtype == dtype
 
 
 def test_inactive_weights_are_zero_and_get_no_gradient():

@@ -268,6 +268,11 @@ def test_export_compact_round_trip(digits):
     torch.testing.assert_close(other.predict(x, seed=4).probs, bm.predict(x, seed=4).probs)
     with pytest.raises(InputError, match="`compact` holds a 'vi' model"):
         other.load_compact({**loaded, "method": "vi"})
+    wider = bf.bayesify(_mlp(width=48), "ssvi", task="classification", density=0.1)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(InputError, match="`compact` does not fit this model.*'model.0.mask'"):
+        wider.load_compact(loaded)
+    assert all(torch.equal(v, wider.state_dict()[k]) for k, v in before.items())
 
 
 def test_float64_model(digits):
@@ -319,6 +324,8 @@ def test_regression_gives_a_mixture_with_learned_noise():
     bm.fit((x, y), epochs=150, lr=0.03, batch_size=128, progress=False, seed=0)
     pred = bm.predict(x, num_samples=16, seed=0)
     assert isinstance(pred, bf.MixturePredictive) and pred.means.shape == (16, 128)
+    # RMSE 0.02-0.04 over 8 seeds. The learned noise (true 0.1) also absorbs the
+    # posterior's spread at the training inputs, E_q[(y - f)^2]: 0.10-0.13 over 8 seeds.
     assert ((pred.mean - torch.sin(3 * x[:, 0])) ** 2).mean().sqrt() < 0.1
-    assert 0.07 < float(bm.noise.log_std.detach().exp()) < 0.15  # true noise 0.1
+    assert 0.07 < float(bm.noise.log_std.detach().exp()) < 0.2
     assert len(bm.update_log) > 0

@@ -1,4 +1,4 @@
-"""Full-batch NUTS over every weight of a small network (Pyro's ``NUTS`` kernel).
+"""``"hmc"``: full-batch NUTS over every weight of a small network (Pyro's ``NUTS``).
 
 The posterior over all trainable weights θ (and, for learned regression noise, the log
 noise standard deviations) is sampled with the No-U-Turn sampler on the potential
@@ -8,25 +8,40 @@ noise standard deviations) is sampled with the No-U-Turn sampler on the potentia
 evaluated on the whole training set at every leapfrog step, so HMC is exact (up to
 Monte Carlo error) but its cost grows with N times the number of weights: it refuses
 networks above ``max_parameters`` (5,000 by default). It is the gold-standard
-reference the approximate methods are checked against on small problems.
+reference the approximate methods are checked against on small problems. ``fit``
+uses the :data:`~bayesify.fitting.MCMC` strategy: it gathers the training set and runs
+the chains (only ``seed`` and ``progress`` apply).
 
 Regression noise (``noise=``):
 
 * ``"homoscedastic"`` (default): one noise std σ_d per output, sampled jointly with
-  the weights as log σ_d ~ N(0, noise_prior_std²);
+  the weights as log σ_d ~ N(0, noise_prior_std²). Each draw keeps its own σ: the raw
+  outputs of the posterior are [S, N, 2D], the means then the draw's log σ.
 * a positive float: a fixed, known noise std;
 * ``"heteroscedastic"``: the network outputs means then raw scales (2·D columns).
 
 The network is evaluated functionally (``torch.func.functional_call``) on a flat
-weight vector, so the user's module keeps its weights; prediction evaluates all
-posterior samples in one batched call with ``torch.func.vmap``.
+weight vector, so the user's module keeps its weights; the posterior evaluates all
+draws in one batched call with ``torch.func.vmap``.
+
+BatchNorm: the network always runs in eval mode, in sampling and in prediction, with
+the running statistics it has when ``fit`` is called (train the network first: a
+fresh BatchNorm's statistics are 0 and 1). Its affine weights are sampled like any
+other weight; the statistics are not.
+
+Convergence: after fitting and when predicting, a :class:`ConvergenceWarning` names
+the failed check and the fix: the median split-R-hat of the outputs at (up to 256 of)
+the training inputs above 1.1, their median ESS below 10, a stuck chain, or more than
+5% divergent transitions. The checks read outputs (log probabilities for
+classification) because the weights of a network are not identifiable: chains in
+mirror-image modes have a large per-weight R-hat while every prediction agrees.
+``diagnostics()`` reports the weights, the outputs and the log density.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+import warnings
 from typing import Any
 
 import torch
@@ -34,81 +49,41 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from bayesify._batching import make_train_batches
-from bayesify._math import LOG_2PI
+from bayesify._progress import progress_enabled
 from bayesify._validation import (
     check_fraction,
     check_labels,
     check_positive_float,
     check_positive_int,
 )
-from bayesify.core import BayesianModel, register_method
-from bayesify.errors import InputError
+from bayesify.checkpoint import mark_dynamic
+from bayesify.core import BayesianModel, preserve_training_flags, register_method
+from bayesify.errors import InputError, NotFittedError
+from bayesify.fitting import MCMC, FitStrategy
+from bayesify.inference._sampled import sampled_posterior, user_stacklevel
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
-from bayesify.likelihoods import gaussian_nll, regression_targets
-from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predictive
+from bayesify.inference.hmc_chains import (
+    ConvergenceWarning,
+    FlatParameters,
+    gaussian_log_prior,
+    intra_op_threads,
+    problems_message,
+    run_nuts,
+    split_diagnostics,
+    summarize_draws,
+)
+from bayesify.inference.hmc_chains import convergence_problems as _check_convergence
+from bayesify.likelihoods import GaussianLikelihood, gaussian_nll, regression_targets
+from bayesify.posterior import SampledPosterior
 
-__all__ = ["HMCModel", "gaussian_log_prior", "split_diagnostics"]
+__all__ = ["ConvergenceWarning", "HMCModel", "gaussian_log_prior", "split_diagnostics"]
 
 _NOISE_NAME = "log_noise_std"
-
-
-def gaussian_log_prior(theta: torch.Tensor, std: float) -> torch.Tensor:
-    """log N(θ | 0, std² I) of a flat vector θ [P] (a scalar)."""
-    return -0.5 * (theta.square().sum() / std**2 + theta.numel() * (LOG_2PI + 2 * math.log(std)))
-
-
-def split_diagnostics(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-R-hat and effective sample size per coordinate.
-
-    Args:
-        samples: draws [C, S, P] from C chains (one chain is split in two halves, so
-            R-hat is defined for C = 1 too).
-
-    Returns:
-        ``(r_hat, ess)``, each [P]; the ESS is summed over chains. Both are NaN with
-        fewer than 4 draws per chain.
-    """
-    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
-
-    samples = samples.double()
-    if samples.shape[1] < 4:  # too few draws to split and autocorrelate
-        nan = samples.new_full(samples.shape[2:], math.nan)
-        return nan, nan.clone()
-    return (split_gelman_rubin(samples, chain_dim=0, sample_dim=1),
-            effective_sample_size(samples, chain_dim=0, sample_dim=1))
-
-
-@contextlib.contextmanager
-def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
-    """Run the body with ``num_threads`` torch CPU threads, restoring the count after."""
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-class _FlatParameters:
-    """The map between a module's trainable parameters and one flat vector [P]."""
-
-    def __init__(self, module: nn.Module):
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.numel = sum(self.sizes)
-
-    def flatten(self, module: nn.Module) -> torch.Tensor:
-        params = dict(module.named_parameters())
-        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
-
-    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of θ [P] as the module's named parameter tensors."""
-        chunks = torch.split(theta, self.sizes)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+# Buffers whose shape is set by fit (the sampler settings of the run).
+_FIT_BUFFERS = ("samples", "log_density", "function_r_hat", "function_ess", "divergences",
+                "acceptance_rate", "adapted_step_size")
+# Training inputs at which the convergence of the outputs is checked.
+_CHECK_POINTS = 256
 
 
 @register_method("hmc")
@@ -140,11 +115,13 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
             whose cost is latency, which extra threads only add synchronization to;
             ``None`` keeps torch's setting.
         num_outputs: D, when it cannot be read off the model's last layer.
-        n_data: unused (the full training set is always used).
+        n_data: set to the training-set size by ``fit`` (the full set is always used).
 
     ``loss(x, y)`` is the negative log joint per datum at the model's current weights
     (mean NLL plus the negative log prior over ``n_data``), whose minimizer is the MAP
-    estimate; ``fit`` does not use it. ``diagnostics()`` reports split-R-hat and ESS.
+    estimate: train with it in your own loop to start the chains there. ``fit`` does
+    not use it, and ``finish_fit`` does not apply (the posterior is the draws of
+    ``fit``). ``diagnostics()`` reports split-R-hat and ESS.
     """
 
     default_num_samples = None
@@ -173,31 +150,32 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         self.num_threads = (None if num_threads is None
                             else check_positive_int(num_threads, "num_threads"))
         self._init_likelihood(noise, num_outputs)
-        self._flat = _FlatParameters(model)
+        if self._samples_noise:
+            self.likelihood = GaussianLikelihood(self._split_sampled_noise)
+        self._flat = FlatParameters(model)
         if self._flat.numel == 0:
             raise InputError("`model` has no trainable parameters for HMC to sample")
         if self._flat.numel > self.max_parameters:
             raise InputError(
                 f"`model` has {self._flat.numel:,} trainable parameters, more than "
-                f"`max_parameters`={self.max_parameters:,}; full-batch NUTS slows down "
-                "quickly with size. Use a smaller network, freeze layers "
+                f"`max_parameters`={self.max_parameters:,}; full-batch "
+                "NUTS slows down quickly with size. Use a smaller network, freeze layers "
                 "(requires_grad=False), or raise `max_parameters`"
             )
-        # Posterior draws [chains, samples, P (+ D log noise stds)] and per-chain
-        # sampler statistics; resized when fitted or loaded.
-        self.register_buffer("samples", torch.empty(0, 0, 0))
-        self.register_buffer("divergences", torch.empty(0, dtype=torch.long))
-        self.register_buffer("acceptance_rate", torch.empty(0))
-        self.register_buffer("adapted_step_size", torch.empty(0))
-
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]] | None:
-        # About 7 s of CPU for the report's d->32->32->1 regression MLP (1.2k-1.4k
-        # weights, a few hundred points): depth 5 caps each draw at 32 leapfrog steps.
-        if task != "regression":
-            return None  # the report's digits MLP (26k weights) is too large for NUTS
-        return {"options": {"num_samples": 100, "warmup": 100, "max_tree_depth": 5},
-                "fit": {}}
+        floats = {"dtype": self.dtype, "device": self.device}
+        #: Posterior draws [C chains, S, P (+ D log noise stds)].
+        self.register_buffer("samples", torch.empty(0, 0, 0, **floats))
+        #: log p(θ, data) of every draw, [C, S].
+        self.register_buffer("log_density", torch.empty(0, 0, **floats))
+        #: Split-R-hat and ESS of the outputs at up to 256 training inputs, [M] each.
+        self.register_buffer("function_r_hat", torch.empty(0, **floats))
+        self.register_buffer("function_ess", torch.empty(0, **floats))
+        #: Per chain: divergent transitions after warmup, acceptance rate, step size.
+        self.register_buffer("divergences", torch.empty(0, dtype=torch.long,
+                                                        device=self.device))
+        self.register_buffer("acceptance_rate", torch.empty(0, **floats))
+        self.register_buffer("adapted_step_size", torch.empty(0, **floats))
+        mark_dynamic(self, *_FIT_BUFFERS)
 
     # ------------------------------------------------------------------- the model
 
@@ -210,48 +188,53 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         p = self._flat.numel
         return theta[..., :p], (theta[..., p:] if self._samples_noise else None)
 
+    def _split_sampled_noise(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and noise variance [..., N, D] from raw outputs [..., N, 2D] (means,
+        then the draw's log noise stds)."""
+        d = self.noise.num_outputs
+        return raw[..., :d], torch.exp(2 * raw[..., d:])
+
     def _outputs(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Network outputs [N, K] at one flat weight vector [P]."""
+        """Network outputs [N, K] at one flat weight vector [P] (the caller sets eval)."""
         return functional_call(self.model, self._flat.unflatten(weights), (x,))
 
     def _sample_outputs(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Outputs [S, N, K] for draws [S, P], batched with vmap where the model allows."""
-        try:
-            return vmap(self._outputs, in_dims=(0, None))(weights, x)
-        except RuntimeError:
-            # Some modules (data-dependent control flow, in-place ops on inputs) cannot
-            # be vmapped; evaluate the draws one by one instead.
-            return torch.stack([self._outputs(w, x) for w in weights])
+        """Outputs [S, N, K] for draws [S, P] in eval mode, batched with vmap where the
+        model allows."""
+        with preserve_training_flags(self.model):
+            self.model.eval()
+            try:
+                return vmap(self._outputs, in_dims=(0, None))(weights, x)
+            except RuntimeError:
+                # Some modules (data-dependent control flow, in-place ops on inputs)
+                # cannot be vmapped; evaluate the draws one by one instead.
+                return torch.stack([self._outputs(w, x) for w in weights])
 
-    def _mean_and_variance(self, output: torch.Tensor,
-                           log_std: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Regression mean and noise variance [..., N, D] from outputs [..., N, K]."""
-        if log_std is None:
-            return self.noise.split(output)
-        variance = torch.exp(2 * log_std)[..., None, :].expand_as(output)
-        return output, variance
-
-    def _log_likelihood(self, theta: torch.Tensor, x: torch.Tensor,
+    def _log_likelihood(self, output: torch.Tensor, log_std: torch.Tensor | None,
                         y: torch.Tensor) -> torch.Tensor:
-        """Σ_i log p(y_i | x_i, θ) for one draw θ [P'] (a scalar)."""
-        weights, log_std = self._split_theta(theta)
-        output = self._outputs(weights, x)
+        """Σ_i log p(y_i | output_i) for outputs [N, K] and checked targets (a scalar)."""
         if self.task == "classification":
             return -F.cross_entropy(output, y, reduction="sum")
-        mean, variance = self._mean_and_variance(output, log_std)
+        if log_std is None:
+            mean, variance = self.noise.split(output)
+        else:
+            mean, variance = output, torch.exp(2 * log_std).expand_as(output)
         return -gaussian_nll(mean, variance, y) * y.shape[0]
 
-    def _log_prior(self, theta: torch.Tensor) -> torch.Tensor:
-        weights, log_std = self._split_theta(theta)
+    def _log_prior(self, weights: torch.Tensor, log_std: torch.Tensor | None) -> torch.Tensor:
         prior = gaussian_log_prior(weights, self.prior_std)
         if log_std is not None:
             prior = prior + gaussian_log_prior(log_std, self.noise_prior_std)
         return prior
 
-    def _check_targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Check outputs and targets once; labels [N] int64 or targets [N, D]."""
-        with torch.no_grad():
-            output = self.model(x[:1])
+    def _log_joint(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log p(θ, y | x) of one draw θ [P'] on the whole of x, y (a scalar)."""
+        weights, log_std = self._split_theta(theta)
+        return (self._log_likelihood(self._outputs(weights, x), log_std, y)
+                + self._log_prior(weights, log_std))
+
+    def _check_targets(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Labels [N] int64, or targets [N, D], checked against outputs [N, K]."""
         if self.task == "classification":
             if output.dim() != 2:
                 raise InputError(
@@ -260,111 +243,111 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         self.noise.check_output(output)
         return regression_targets(y, self.noise.num_outputs)
 
-    def _current_theta(self) -> torch.Tensor:
-        weights = self._flat.flatten(self.model)
-        if self._samples_noise:
-            weights = torch.cat([weights, self.noise.log_std.detach().to(weights)])
-        return weights
-
     # -------------------------------------------------------------------- training
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Negative log joint per datum at the current weights (a scalar).
 
-        ``-mean_i log p(y_i | x_i, θ) - log p(θ) / n_data`` (``n_data`` defaults to the
-        batch size); the noise std is the module's ``noise`` parameter.
+        ``-mean_i log p(y_i | x_i, θ) - log p(θ) / n_data`` for x [B, ...], y [B] or
+        [B, D] (``n_data`` defaults to the batch size); the noise std is the module's
+        ``noise`` parameter. The network runs in its current mode.
         """
-        y = self._check_targets(x, y)
-        theta = torch.cat([p.reshape(-1) for n, p in self.model.named_parameters()
-                           if p.requires_grad]
-                          + ([self.noise.log_std.to(x.dtype)] if self._samples_noise else []))
+        output = self.model(x)
+        y = self._check_targets(output, y)
+        weights = torch.cat([p.reshape(-1) for n, p in self.model.named_parameters()
+                             if p.requires_grad])
+        log_std = self.noise.log_std.to(x.dtype) if self._samples_noise else None
         n = self.n_data or x.shape[0]
-        return -(self._log_likelihood(theta, x, y) / x.shape[0] + self._log_prior(theta) / n)
+        return -(self._log_likelihood(output, log_std, y) / x.shape[0]
+                 + self._log_prior(weights, log_std) / n)
 
-    def fit(self, train: Any, *, progress: bool = True, seed: int | None = None,
-            **unused: Any) -> HMCModel:
-        """Draw the posterior samples with NUTS on the full training set.
+    def fit_strategy(self) -> FitStrategy:
+        """MCMC on the whole training set: ``fit`` takes only ``seed`` and ``progress``."""
+        return MCMC
+
+    def on_fit_end(self) -> None:
+        raise InputError("HMC's posterior is the draws of .fit(train), so .finish_fit() "
+                         "does not apply; a loop of your own over .loss(x, y) finds the "
+                         "MAP weights, from which .fit(train) then starts its chains")
+
+    def fit_full_batch(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None,
+                       progress: bool | None) -> None:
+        """Draw the posterior samples with NUTS on all of x [N, ...], y [N] or [N, D].
 
         Args:
-            train: a DataLoader yielding ``(x, y)``, or ``(X, y)`` tensors/arrays; all of
-                it is gathered into one batch: X [N, ...], y [N] or [N, D].
-            progress: show Pyro's progress bar while sampling.
             seed: makes the draws repeatable (overrides the constructor's ``seed``).
-            **unused: options of gradient-based fits (``epochs``, ``lr``, ...), which
-                HMC has no use for; passing any raises.
-
-        Returns:
-            ``self``, fitted.
+            progress: show Pyro's progress bar (``None``: unless bars are off globally).
         """
-        if unused:
-            raise InputError(f"HMC's fit takes no {', '.join(map(repr, unused))}; set the "
-                             "sampler through bayesify(..., num_samples=, warmup=, ...)")
-        x, y = self._gather(train)
-        y = self._check_targets(x, y)
-        self.n_data = int(x.shape[0])
         seed = self.seed if seed is None else int(seed)
-        if self._samples_noise:
-            self._initialize_noise([(x, y)])
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None), \
-                _intra_op_threads(self.num_threads):
-            if seed is not None:
-                torch.manual_seed(seed)
-            draws, stats = self._run_chains(x, y, progress)
+        with preserve_training_flags(self.model):
+            self.model.eval()  # BatchNorm with the network's own statistics
+            with torch.no_grad():
+                y = self._check_targets(self.model(x), y)
+            self.n_data = int(x.shape[0])
+            if self._samples_noise:
+                self._initialize_noise([(x, y)])
+            start = self._flat.flatten(self.model)
+            if self._samples_noise:
+                start = torch.cat([start, self.noise.log_std.detach().to(start)])
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, enabled=seed is not None), \
+                    intra_op_threads(self.num_threads):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                draws, stats = run_nuts(
+                    lambda theta: -self._log_joint(theta, x, y), start,
+                    num_chains=self.num_chains, num_samples=self.num_samples,
+                    warmup=self.warmup, step_size=self.step_size,
+                    max_tree_depth=self.max_tree_depth, target_accept=self.target_accept,
+                    init_scale=0.1 * self.prior_std, progress=progress_enabled(progress))
+            with torch.no_grad():
+                flat = draws.reshape(-1, draws.shape[-1])
+                log_density = torch.stack([self._log_joint(t, x, y) for t in flat])
+                r_hat, ess = self._function_diagnostics(draws, x)
+        floats = {"dtype": draws.dtype, "device": draws.device}
         self.samples = draws
-        self.divergences = torch.tensor([s[0] for s in stats], dtype=torch.long,
-                                        device=draws.device)
-        self.acceptance_rate = torch.tensor([s[1] for s in stats], device=draws.device)
-        self.adapted_step_size = torch.tensor([s[2] for s in stats], device=draws.device)
+        self.log_density = log_density.reshape(draws.shape[:2]).to(**floats)
+        self.function_r_hat, self.function_ess = r_hat.to(**floats), ess.to(**floats)
+        divergences, acceptance, step_size = zip(*stats, strict=True)
+        self.divergences = torch.tensor(divergences, dtype=torch.long, device=draws.device)
+        self.acceptance_rate = torch.tensor(acceptance, **floats)
+        self.adapted_step_size = torch.tensor(step_size, **floats)
         if self._samples_noise:
             with torch.no_grad():
                 log_std = self._split_theta(draws)[1]
                 self.noise.log_std.copy_(log_std.mean((0, 1)).to(self.noise.log_std))
-        self._mark_fitted()
-        return self
+        self._warn_if_unconverged("after fitting")
 
-    def _gather(self, train: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = make_train_batches(train, task=self.task, dtype=self.dtype,
-                                     device=self.device, batch_size=2**31 - 1, shuffle=False)
-        pairs = list(batches)
-        if not pairs or sum(int(xb.shape[0]) for xb, _ in pairs) == 0:
-            raise InputError("`train` is empty; pass at least one training example")
-        return torch.cat([xb for xb, _ in pairs]), torch.cat([yb for _, yb in pairs])
+    # ----------------------------------------------------------------- diagnostics
 
-    def _run_chains(self, x: torch.Tensor, y: torch.Tensor,
-                    progress: bool) -> tuple[torch.Tensor, list[tuple[int, float, float]]]:
-        from pyro.infer.mcmc import MCMC, NUTS
+    def _function_diagnostics(self, draws: torch.Tensor,
+                              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split-R-hat and ESS [M] of the outputs of draws [C, S, P'] at up to 256 of
+        the training inputs x [N, ...] (log probabilities for classification)."""
+        chains, count = draws.shape[:2]
+        idx = torch.linspace(0, x.shape[0] - 1, min(_CHECK_POINTS, x.shape[0]),
+                             device=x.device).round().long().unique()
+        weights, _ = self._split_theta(draws.reshape(chains * count, -1))
+        outputs = self._sample_outputs(weights, x[idx])
+        if self.task == "classification":
+            outputs = torch.log_softmax(outputs, -1)
+        return split_diagnostics(outputs.reshape(chains, count, -1))
 
-        def potential(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            theta = params["theta"]
-            return -(self._log_likelihood(theta, x, y) + self._log_prior(theta))
+    def convergence_problems(self) -> list[str]:
+        """The failed convergence checks of the draws, in words (empty if none).
 
-        start = self._current_theta()
-        draws, stats = [], []
-        for chain in range(self.num_chains):
-            init = start
-            if chain > 0:
-                init = start + 0.1 * self.prior_std * torch.randn_like(start)
-            kernel = NUTS(potential_fn=potential, step_size=self.step_size,
-                          adapt_step_size=True, adapt_mass_matrix=True, full_mass=False,
-                          max_tree_depth=self.max_tree_depth,
-                          target_accept_prob=self.target_accept)
-            info: dict[str, Any] = {}
+        Checks the outputs at the training inputs (median split-R-hat ≤ 1.1, median
+        ESS ≥ 10), that no chain is stuck, and that at most 5% of the transitions
+        diverged.
+        """
+        return _check_convergence(self.function_r_hat, self.function_ess, self.log_density,
+                                  self.divergences)
 
-            def record(kernel: NUTS, params: Any, stage: str, i: int,
-                       info: dict[str, Any] = info) -> None:
-                # The kernel resets its statistics after the run; keep the final ones.
-                if stage.startswith("Sample") and i == self.num_samples - 1:
-                    info.update(kernel.diagnostics(), step_size=float(kernel.step_size))
-
-            mcmc = MCMC(kernel, num_samples=self.num_samples, warmup_steps=self.warmup,
-                        initial_params={"theta": init}, disable_progbar=not progress,
-                        hook_fn=record)
-            mcmc.run()
-            draws.append(mcmc.get_samples()["theta"].detach().to(start.dtype))
-            stats.append((len(info["divergences"]), float(info["acceptance rate"]),
-                          info["step_size"]))
-        return torch.stack(draws), stats
+    def _warn_if_unconverged(self, when: str) -> None:
+        problems = self.convergence_problems()
+        if problems:
+            warnings.warn(problems_message(problems, when), ConvergenceWarning,
+                          stacklevel=user_stacklevel())
 
     def diagnostics(self) -> dict[str, Any]:
         """Convergence diagnostics of the last ``fit``.
@@ -373,41 +356,33 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
             A dict with ``"parameters"``: for each named parameter (and
             ``"log_noise_std"`` when the noise is sampled) a dict with ``r_hat`` and
             ``ess`` tensors of the parameter's shape and their summaries ``r_hat_max``,
-            ``ess_min``, ``ess_mean``; the overall ``r_hat_max`` and ``ess_min``; and per
-            chain ``divergences`` (count after warmup), ``acceptance_rate`` (Pyro's: the
+            ``ess_min``, ``ess_mean``; the overall ``r_hat_max`` and ``ess_min`` over
+            the weights; ``"outputs"``: the median and worst split-R-hat and ESS of
+            the outputs at the training inputs (identifiable, unlike the weights of a
+            network); ``"log_density"``: ``r_hat`` and ``ess`` of the log-density
+            trace; ``"problems"``: the failed checks (see
+            :meth:`convergence_problems`); and per chain
+            ``divergences`` (count after warmup), ``acceptance_rate`` (Pyro's: the
             fraction of draws that moved) and adapted ``step_size`` lists. R-hat is the
             split-R-hat, so it is defined for a single chain too.
         """
         self._check_fitted("diagnostics")
-        r_hat, ess = split_diagnostics(self.samples)
         names = list(self._flat.names) + ([_NOISE_NAME] if self._samples_noise else [])
         shapes = list(self._flat.shapes) + (
             [torch.Size([self.noise.num_outputs])] if self._samples_noise else [])
-        sizes = [math.prod(s) for s in shapes]
-        parameters = {}
-        for name, shape, r, e in zip(names, shapes, r_hat.split(sizes), ess.split(sizes),
-                                     strict=True):
-            parameters[name] = {"r_hat": r.view(shape), "ess": e.view(shape),
-                                "r_hat_max": float(r.max()), "ess_min": float(e.min()),
-                                "ess_mean": float(e.mean())}
-        return {"parameters": parameters, "r_hat_max": float(r_hat.max()),
-                "ess_min": float(ess.min()), "divergences": self.divergences.tolist(),
+        report = summarize_draws(self.samples, names, shapes, self.log_density,
+                                 self.function_r_hat, self.function_ess)
+        return {**report, "problems": self.convergence_problems(),
+                "divergences": self.divergences.tolist(),
                 "acceptance_rate": self.acceptance_rate.tolist(),
                 "step_size": self.adapted_step_size.tolist()}
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              *args: Any, **kwargs: Any) -> None:
-        # The buffers' sizes depend on the sampler settings of the run that saved them.
-        for name in ("samples", "divergences", "acceptance_rate", "adapted_step_size"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name],
-                                                     device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ prediction
 
     def _draws(self, num_samples: int | None) -> torch.Tensor:
         """Flat posterior draws [S, P'], thinned evenly to ``num_samples`` if given."""
+        if self.samples.numel() == 0:
+            raise NotFittedError("this HMCModel holds no posterior draws; call .fit(train)")
         draws = self.samples.reshape(-1, self.samples.shape[-1])
         if num_samples is None or num_samples == draws.shape[0]:
             return draws
@@ -417,18 +392,22 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         idx = torch.linspace(0, draws.shape[0] - 1, num_samples, device=draws.device)
         return draws[idx.round().long()]
 
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> SampledPosterior:
+        """Raw outputs [S, N, K] of the stored draws at x [N, ...] (K = 2D with sampled
+        noise: the means, then each draw's log noise stds)."""
+        self._warn_if_unconverged("predicting")
         weights, log_std = self._split_theta(self._draws(num_samples))
-        outputs = self._sample_outputs(weights, x)
-        if self.task == "classification":
-            return CategoricalPredictive.from_logits(sample_logits=outputs)
-        mean, variance = self._mean_and_variance(outputs, log_std)
-        return MixturePredictive(self._squeeze(mean), self._squeeze(variance))
+        posterior = sampled_posterior(self, self._sample_outputs(weights, x))
+        if log_std is None:
+            return posterior
+        outputs = posterior.samples
+        return SampledPosterior(torch.cat([outputs, log_std[:, None, :].expand_as(outputs)
+                                           .to(outputs.dtype)], -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior-averaged prediction once fitted (log mean probabilities or the
-        mixture mean); the network's own output before."""
+        """Posterior-averaged prediction once fitted (log mean probabilities [N, C] or
+        the mixture mean [N] / [N, D]); the network's own output before."""
         if not self.is_fitted:
             return self._point(self.model(x))
         weights, _ = self._split_theta(self._draws(None))

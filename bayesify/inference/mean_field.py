@@ -6,6 +6,12 @@ of the user's model (in place) by :class:`~bayesify.layers.bayesian.BayesianLine
 weights. Normalization layers (BatchNorm, LayerNorm, GroupNorm, ...) stay point
 estimates; any other layer that owns weights (an LSTM, an Embedding, a Conv1d) is
 refused by name unless the user keeps it deterministic.
+
+BatchNorm statistics: a BatchNorm layer of a converted network trains as usual during
+``fit`` (batch statistics, running averages updated by every sampled forward pass) and
+runs in eval mode, with its running statistics, at prediction. Probes (the FLOP count
+below) run in eval mode, so they never update the statistics and never need more than
+one row.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bayesify.core import preserve_training_flags
 from bayesify.errors import InputError, UnsupportedModelError
 from bayesify.layers.bayesian import (
     BayesianConv2d,
@@ -176,7 +183,10 @@ def count_layers(model: nn.Module, layers: dict[str, MeanFieldLayer],
                     positions[name] = out.numel() // max(1, out.shape[0] * out.shape[axis])
                 hooks.append(module.register_forward_hook(record))
         try:
-            with sampling_mode(model, "mean"):
+            # A probe: eval mode, so BatchNorm neither needs two rows nor updates its
+            # running statistics.
+            with preserve_training_flags(model), sampling_mode(model, "mean"):
+                model.eval()
                 model(x[:1])
         finally:
             for hook in hooks:

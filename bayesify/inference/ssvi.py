@@ -32,8 +32,11 @@ script also decays the means by 5e-4 and gives rho its own learning rate 0.01: p
   (``rescale_init``), without which a network without normalization layers starts
   with a vanishing signal and may not train.
 
-The subspace update runs inside ``fit``; a hand-written loop around ``loss`` trains a
-fixed subspace unless it calls :meth:`SSVIModel.update_subspace` itself.
+The subspace update runs inside ``fit`` (its schedule comes from ``self.fit_plan``); a
+hand-written loop around ``loss`` trains a fixed subspace unless it calls
+:meth:`SSVIModel.update_subspace` itself, and ``finish_fit()`` after it makes the model
+predict. BatchNorm follows ``"vi"``'s policy: trained as usual in ``fit``, eval mode with
+its running statistics at prediction.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from bayesify._validation import (
     check_fraction,
     check_positive_int,
 )
-from bayesify.core import BayesianModel, register_method
+from bayesify.core import register_method
 from bayesify.errors import InputError
+from bayesify.fitting import NonFiniteStep, check_finite_loss, gradient_norm
 from bayesify.inference.ssvi_compact import SparsityReport, compact_state, expand_state
 from bayesify.inference.ssvi_update import (
     REMOVAL_SCORES,
@@ -135,18 +139,6 @@ class SSVIModel(VIModel):
         #: last ``fit``.
         self.update_log: list[tuple[int, float, int]] = []
 
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        # The pretrained MLP keeps its largest weights; the tiny regression MLP (32
-        # units) needs a denser subspace than 10% to keep its output layer useful.
-        if task == "classification":
-            return {"options": {"initial_mask": "magnitude", "update_interval": 10,
-                                "init_std": 1e-2, "temperature": 1.0},
-                    "fit": {"epochs": 15, "lr": 0.05, "batch_size": 128}}
-        return {"options": {"initial_mask": "magnitude", "density": 0.3, "update_interval": 10,
-                            "init_std": 0.05, "temperature": 1.0, "sgd_momentum": None},
-                "fit": {"epochs": 150, "lr": 0.01, "batch_size": 512}}
-
     def _resolve_dense_layers(self, dense_layers: str | Sequence[str]) -> set[str]:
         names = [dense_layers] if isinstance(dense_layers, str) else list(dense_layers)
         resolved = set()
@@ -173,24 +165,16 @@ class SSVIModel(VIModel):
         end = int(self.update_end * self._total_steps)
         return t % self.update_interval == 0 and t < end and bool(self._sparse)
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor,
-                      optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        self._begin_step(x)
+    def _update(self, x: torch.Tensor, y: torch.Tensor,
+                optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, int]:
+        """An optimizer step (inactive weights stay zero), or, on an update step, the
+        subspace update in its place. Returns the detached loss and the extra FLOPs."""
         if not self._is_update_step():
-            loss = BayesianModel.training_step(self, x, y, optimizer)
+            loss, extra = super()._update(x, y, optimizer)
             for layer in self._sparse.values():
                 layer.apply_mask()
-            self._end_step(x.shape[0])
-            return loss
-        optimizer.zero_grad(set_to_none=True)
-        for layer in self._sparse.values():
-            layer.record_dense_grad = True
-        try:
-            loss = self.loss(x, y)
-            loss.backward()
-        finally:
-            for layer in self._sparse.values():
-                layer.record_dense_grad = False
+            return loss, extra
+        loss = self._dense_gradient(x, y, optimizer)
         end = int(self.update_end * self._total_steps)
         fraction = removal_fraction(self._step + 1, end, self.removal_rate)
         swapped = self.update_subspace(fraction, optimizer)
@@ -200,12 +184,50 @@ class SSVIModel(VIModel):
         # sparse backward.
         extra = sum(2 * (m.num_weights - m.num_active) * m.output_positions
                     for m in self._sparse.values()) * x.shape[0]
-        self._end_step(x.shape[0], extra)
+        return loss, extra
+
+    def _dense_gradient(self, x: torch.Tensor, y: torch.Tensor,
+                        optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Backward pass on a batch recording every sparse layer's dense weight
+        gradient (no optimizer step, as in the official code); returns the detached loss.
+
+        Raises:
+            NonFiniteStep: the loss, the gradient norm or a dense gradient is not
+                finite (the loop's divergence guard); no gradient is kept.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        for layer in self._sparse.values():
+            layer.record_dense_grad = True
+        try:
+            loss = self.training_loss(x, y)
+            check_finite_loss(loss)
+            loss.backward()
+            gradient_norm(self.parameters(), None)
+            for name, layer in self._sparse.items():
+                grad = layer.dense_grad
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    raise NonFiniteStep(f"dense gradient of layer {name!r}",
+                                        float(grad[~torch.isfinite(grad)][0]))
+        except NonFiniteStep:
+            optimizer.zero_grad(set_to_none=True)
+            for layer in self._sparse.values():
+                layer.dense_grad = None
+            raise
+        finally:
+            for layer in self._sparse.values():
+                layer.record_dense_grad = False
         return loss.detach()
 
     def on_fit_start(self, batches: Any) -> None:
         super().on_fit_start(batches)
         self.update_log = []
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        # An optimizer of the user's own loop (weight decay, say) must not revive
+        # inactive weights.
+        for layer in self._sparse.values():
+            layer.apply_mask()
 
     @torch.no_grad()
     def update_subspace(self, fraction: float,
@@ -260,8 +282,21 @@ class SSVIModel(VIModel):
         return compact_state(self.state_dict(), prefixes, method=self.method_name)
 
     def load_compact(self, compact: dict[str, Any]) -> SSVIModel:
-        """Load a state written by :meth:`export_compact` into this same-structure model."""
-        self.load_state_dict(expand_state(compact, method=self.method_name))
+        """Load a state written by :meth:`export_compact` into this same-structure model.
+
+        Keys and shapes are checked first: a compact state of another structure raises
+        :class:`~bayesify.errors.InputError` and leaves the model as it was.
+        """
+        state = expand_state(compact, method=self.method_name)
+        current = self.state_dict()
+        wrong = sorted(set(state) ^ set(current)) + sorted(
+            k for k in set(state) & set(current)
+            if isinstance(current[k], torch.Tensor) and state[k].shape != current[k].shape)
+        if wrong:
+            raise InputError("`compact` does not fit this model (other layers or sizes): "
+                             f"it differs at {', '.join(map(repr, wrong[:5]))}"
+                             + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+        self.load_state_dict(state)
         return self
 
 
@@ -286,11 +321,12 @@ def _swap_in(layer: MeanFieldLayer, new: torch.Tensor,
     if bool(stay.any()):
         rho = layer.weight_rho[stay].mean()
     else:
-        rho = inverse_softplus(torch.tensor(init_std, dtype=layer.weight_rho.dtype))
+        rho = inverse_softplus(torch.tensor(init_std, dtype=layer.weight_rho.dtype,
+                                            device=layer.weight_rho.device))
     layer.mask.copy_(new)
     layer.weight_mu.mul_(stay)
     layer.weight_rho.mul_(stay)
-    layer.weight_rho[added] = rho.to(layer.weight_rho.device)
+    layer.weight_rho[added] = rho
     if optimizer is not None:
         for param in (layer.weight_mu, layer.weight_rho):
             for value in optimizer.state.get(param, {}).values():

@@ -7,9 +7,20 @@ the layer's weights) and the network is trained by the negative ELBO per datum,
 
 with ``kl_weight = temperature / N`` (1/N by default) and ``beta_t`` an optional linear
 warm-up. The likelihood (softmax, or Gaussian noise for regression) is the one of
-:class:`~bayesify.inference.deterministic.NetworkLikelihoodMixin`. Prediction averages
-S forward passes, each with one weight sample shared by the batch: a
-``CategoricalPredictive`` with per-sample probabilities, or a ``MixturePredictive``.
+:class:`~bayesify.inference.deterministic.NetworkLikelihoodMixin`. The posterior over
+outputs is S forward passes, each with one weight sample shared by the batch (a
+:class:`~bayesify.posterior.SampledPosterior` [S, N, K]); the likelihood turns it into
+a ``CategoricalPredictive`` with per-sample probabilities, or a ``MixturePredictive``.
+
+Training in your own loop: ``bm.loss(x, y)`` is the per-datum negative ELBO (it needs
+``n_data=`` for the KL weight unless ``kl_weight=`` is given); call ``bm.finish_fit()``
+after the loop and the model predicts. ``fit`` adds the schedules (cosine lr, KL
+warm-up), which it plans from ``self.fit_plan``.
+
+BatchNorm: layers outside the converted Linear/Conv2d keep their point weights;
+BatchNorm trains as usual during ``fit`` (batch statistics in train mode) and runs in
+eval mode, with its running statistics, when predicting (``predict`` puts the model
+in eval mode). See :mod:`bayesify.inference.mean_field`.
 
 Why our own layers rather than Pyro (``PyroModule`` + ``AutoNormal``): SSVI needs
 exactly these layers with a mask of active weights, KL over the active weights only,
@@ -30,13 +41,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesify._batching import to_inputs
 from bayesify._validation import check_fraction, check_positive_float
-from bayesify.core import BayesianModel, register_method
+from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import InputError
+from bayesify.inference._sampled import sampled_posterior
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
 from bayesify.inference.mean_field import LayerCount, convert_to_mean_field, count_layers
 from bayesify.layers.bayesian import MeanFieldLayer, sampling_mode
-from bayesify.predictive import CategoricalPredictive, MixturePredictive, Predictive
+from bayesify.posterior import SampledPosterior
 
 __all__ = ["VIModel", "cosine_lr_factor", "kl_warmup_factor"]
 
@@ -77,7 +90,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         rho_lr: learning rate of the ``rho`` (sigma) parameters; ``lr`` when ``None``.
         noise, num_outputs: the regression noise model (see
             :class:`~bayesify.likelihoods.GaussianNoise`).
-        n_data: N, the training-set size (inferred by ``fit`` when ``None``).
+        n_data: N, the training-set size (inferred by ``fit`` when ``None``; needed by
+            ``loss`` in your own loop unless ``kl_weight`` is given).
     """
 
     default_num_samples = 32
@@ -111,6 +125,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         self.model, self._layers = convert_to_mean_field(
             model, method=self.method_name, keep_deterministic=keep_deterministic,
             prior_std=self.prior_std, init_std=self.init_std)
+        # Schedule state of the running fit: the KL warm-up factor, the step counter and
+        # the total steps planned from ``self.fit_plan``.
         self._kl_factor = 1.0
         self._step = 0
         self._total_steps = 0
@@ -120,14 +136,6 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         #: FLOPs of the weight layers counted over the last ``fit`` (forward and
         #: backward, backward = 2 x forward).
         self.training_flops = 0
-
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        if task == "classification":
-            return {"options": {"init_std": 1e-2},
-                    "fit": {"epochs": 10, "lr": 1e-2, "batch_size": 128}}
-        return {"options": {"init_std": 0.05},
-                "fit": {"epochs": 150, "lr": 0.03, "batch_size": 512}}
 
     # ------------------------------------------------------------------ the model
 
@@ -145,39 +153,58 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         if self.kl_weight is not None:
             return self.kl_weight
         if self.n_data is None:
-            raise InputError("the KL weight needs the training-set size; pass n_data= to "
-                             "bayesify(...) or call fit first")
+            raise InputError(
+                "the KL weight needs the training-set size N: pass n_data=N to "
+                f"bayesify(..., {self.method_name!r}, ...) when training with .loss(x, y) "
+                "in your own loop (or kl_weight=), or train with .fit(train), which "
+                "counts it")
         return self.temperature / self.n_data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The mean network's prediction: logits [N, C] or regression mean."""
+        """The mean network's prediction: logits [N, C] or the regression mean [N] / [N, D]."""
         with sampling_mode(self.model, "mean"):
             return self._point(self.model(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Negative ELBO per datum on a batch, with one LRT sample per example."""
+        """Negative ELBO per datum on a batch x [B, ...], y [B] or [B, D] (a scalar),
+        with one LRT sample per example."""
         nll = self._nll(self.model(x), y)
         return nll + self._kl_factor * self.effective_kl_weight() * self.kl()
 
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None) -> SampledPosterior:
+        """Raw outputs [S, N, K] of S networks, each one weight draw shared by the batch."""
+        count = num_samples or self.default_num_samples
+        with sampling_mode(self.model, "weights", generator):
+            outputs = torch.stack([self.model(x) for _ in range(count)])
+        return sampled_posterior(self, outputs)
+
     # ------------------------------------------------------------------ training
 
-    def fit(self, train: Any, *, epochs: int | None = None, **kwargs: Any) -> VIModel:
-        # The schedules (cosine lr, KL warm-up, SSVI's updates) need the step count.
-        self._planned_epochs = self.default_epochs if epochs is None else epochs
-        return super().fit(train, epochs=epochs, **kwargs)
-
     def on_fit_start(self, batches: Any) -> None:
-        epochs = getattr(self, "_planned_epochs", self.default_epochs)
-        self._total_steps = int(epochs) * max(1, len(batches))
+        plan = self.fit_plan
+        steps = None if plan is None else plan.total_steps
+        needs_n = self.n_data is None and self.kl_weight is None
+        if steps is None or needs_n:
+            # A loader without a length (an IterableDataset): count one pass for the
+            # schedules and the KL weight's N.
+            batch_count = rows = 0
+            for x, _ in batches:
+                batch_count, rows = batch_count + 1, rows + int(x.shape[0])
+            steps = batch_count * (plan.epochs if plan is not None else 1)
+            if needs_n and rows:
+                self.n_data = rows
+        self._total_steps = steps
         self._step = 0
         self._scheduler = None
         self.training_flops = 0
         self._step_flops = None
-        with sampling_mode(self.model, "mean"):
+        # A probe of the mean network in eval mode (BatchNorm keeps its statistics).
+        with preserve_training_flags(self), sampling_mode(self.model, "mean"):
+            self.eval()
             self._initialize_noise(batches)
 
     def on_fit_end(self) -> None:
-        self._kl_factor = 1.0
         self._scheduler = None
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -197,43 +224,38 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
                 optimizer, lambda step: cosine_lr_factor(step, total))
         return optimizer
 
-    def _begin_step(self, x: torch.Tensor) -> None:
-        self._kl_factor = kl_warmup_factor(self._step, self._total_steps, self.kl_warmup)
+    def training_step(self, x: torch.Tensor, y: torch.Tensor,
+                      optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """The schedules around one update (:meth:`_update`); returns the detached loss."""
         if self._step_flops is None:
             rows = count_layers(self.model, self._layers, x, self._positions)
             self._step_flops = sum(r.flops for r in rows)
-
-    def _end_step(self, batch_size: int, extra_flops: int = 0) -> None:
-        self.training_flops += 3 * self._step_flops * batch_size + extra_flops
+        # The warm-up weighs the KL of this step only: ``loss`` outside ``fit`` (your
+        # own loop) always uses the full weight, also after a fit that stopped early.
+        self._kl_factor = kl_warmup_factor(self._step, self._total_steps, self.kl_warmup)
+        try:
+            loss, extra_flops = self._update(x, y, optimizer)
+        finally:
+            self._kl_factor = 1.0
+        self.training_flops += 3 * self._step_flops * x.shape[0] + extra_flops
         if self._scheduler is not None:
             self._scheduler.step()
         self._step += 1
-
-    def training_step(self, x: torch.Tensor, y: torch.Tensor,
-                      optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        self._begin_step(x)
-        loss = super().training_step(x, y, optimizer)
-        self._end_step(x.shape[0])
         return loss
 
+    def _update(self, x: torch.Tensor, y: torch.Tensor,
+                optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, int]:
+        """Hook: the update of one batch x [B, ...], y [B] or [B, D]: an optimizer step
+        on the negative ELBO, through the loop's divergence guard. Returns the detached
+        loss and the FLOPs spent beyond one forward and backward pass (0 here)."""
+        return super().training_step(x, y, optimizer), 0
+
     def layer_counts(self, x: torch.Tensor | None = None) -> list[LayerCount]:
-        """Weights and per-example forward FLOPs of every weight layer (see LayerCount)."""
+        """Weights and per-example forward FLOPs of every weight layer (see LayerCount).
+
+        Args:
+            x: an example input [B, ...] (needed once, for the convolutions' sizes).
+        """
         if x is not None:
-            x = torch.as_tensor(x, dtype=self.dtype, device=self.device)
+            x = to_inputs(x, "x", dtype=self.dtype, device=self.device)
         return count_layers(self.model, self._layers, x, self._positions)
-
-    # ---------------------------------------------------------------- prediction
-
-    def _sample_outputs(self, x: torch.Tensor, num_samples: int,
-                        generator: torch.Generator | None) -> torch.Tensor:
-        with sampling_mode(self.model, "weights", generator):
-            return torch.stack([self.model(x) for _ in range(num_samples)])
-
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
-        outputs = self._sample_outputs(x, num_samples or self.default_num_samples, generator)
-        if self.task == "classification":
-            return CategoricalPredictive.from_logits(sample_logits=outputs)
-        self.noise.check_output(outputs[0])
-        means, variances = self.noise.split(outputs)
-        return MixturePredictive(self._squeeze(means), self._squeeze(variances))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from bayesify._linalg import gaussian_kl
 from bayesify._validation import check_choice, check_positive_float
 from bayesify.errors import InputError
 
@@ -39,7 +40,6 @@ __all__ = [
     "BayesianConv2d",
     "BayesianLinear",
     "MeanFieldLayer",
-    "gaussian_kl",
     "inverse_softplus",
     "sampling_mode",
 ]
@@ -56,10 +56,14 @@ def inverse_softplus(sigma: torch.Tensor) -> torch.Tensor:
     return torch.where(sigma > 20, sigma, torch.log(torch.expm1(sigma.clamp_max(20))))
 
 
-def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_std: float) -> torch.Tensor:
-    """Elementwise KL( N(mu, sigma^2) || N(0, prior_std^2) ), same shape as ``mu``."""
-    var_ratio = (sigma / prior_std) ** 2
-    return 0.5 * (var_ratio + (mu / prior_std) ** 2 - 1.0 - torch.log(var_ratio))
+def _mean_field_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """KL( N(mu, sigma^2) || N(0, prior_std^2) ) per entry: mu, sigma [...] -> [...].
+
+    The mean-field case of the package's one Gaussian KL,
+    :func:`bayesify._linalg.gaussian_kl`, with each entry a 1-d Gaussian.
+    """
+    variance = sigma * sigma
+    return gaussian_kl(mu[..., None], variance, torch.log(variance), prior_std ** 2)
 
 
 class MeanFieldLayer(nn.Module, metaclass=abc.ABCMeta):
@@ -162,9 +166,9 @@ class MeanFieldLayer(nn.Module, metaclass=abc.ABCMeta):
         """KL(q || prior) summed over the active weights and the bias (a scalar)."""
         mu = self.weight_mu[self.mask]
         sigma = F.softplus(self.weight_rho[self.mask])
-        total = gaussian_kl(mu, sigma, self.prior_std).sum()
+        total = _mean_field_kl(mu, sigma, self.prior_std).sum()
         if self.bias_mu is not None:
-            total = total + gaussian_kl(self.bias_mu, self.bias_std, self.prior_std).sum()
+            total = total + _mean_field_kl(self.bias_mu, self.bias_std, self.prior_std).sum()
         return total
 
     # ------------------------------------------------------------------- forward

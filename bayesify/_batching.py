@@ -183,8 +183,17 @@ class TensorBatches:
     def num_rows(self) -> int:
         return num_rows(self.x)
 
+    def _starts(self) -> list[int]:
+        n = self.num_rows
+        starts = list(range(0, n, self.batch_size))
+        # A last batch of one row would break BatchNorm in train mode ("expected more
+        # than 1 value per channel"): it joins the batch before it.
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        return starts
+
     def __len__(self) -> int:
-        return -(-self.num_rows // self.batch_size)
+        return len(self._starts())
 
     def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         n = self.num_rows
@@ -192,9 +201,10 @@ class TensorBatches:
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(y.device)
             x, y = take_rows(x, order), y[order]
-        for start in range(0, n, self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            yield take_rows(x, rows), y[rows]
+        starts = self._starts()
+        for k, start in enumerate(starts):
+            stop = starts[k + 1] if k + 1 < len(starts) else n
+            yield take_rows(x, slice(start, stop)), y[start:stop]
 
 
 class LoaderBatches:

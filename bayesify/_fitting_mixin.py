@@ -60,7 +60,11 @@ class FittingMixin:
                                      device=self.device, batch_size=batch_size,
                                      shuffle=shuffle, generator=generator,
                                      label_key=self.label_key)
-        if batches.num_rows == 0 and not len(batches):
+        try:
+            empty = batches.num_rows == 0 and not len(batches)
+        except TypeError:  # a loader over an IterableDataset has no length
+            empty = False
+        if empty:
             raise InputError("`train` is empty; pass at least one training example")
         return batches
 

@@ -10,6 +10,7 @@ __all__ = [
     "BayesifyError",
     "BayesifyWarning",
     "CheckpointError",
+    "ConvergenceWarning",
     "InputError",
     "JitterWarning",
     "NotFittedError",
@@ -61,3 +62,7 @@ class BayesifyWarning(UserWarning):
 
 class JitterWarning(BayesifyWarning):
     """Jitter had to be added to a matrix's diagonal before it could be factorized."""
+
+
+class ConvergenceWarning(BayesifyWarning):
+    """The MCMC draws of a fit fail a convergence check (R-hat, ESS, divergences)."""

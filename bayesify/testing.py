@@ -22,6 +22,7 @@ import contextlib
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,12 @@ import torch
 from torch import nn
 
 from bayesify.core import BayesianModel, bayesify, get_method
-from bayesify.errors import InputError, NotFittedError, TrainingDivergedError
+from bayesify.errors import (
+    ConvergenceWarning,
+    InputError,
+    NotFittedError,
+    TrainingDivergedError,
+)
 from bayesify.fitting import GradientFit
 from bayesify.posterior import GaussianPosterior, SampledPosterior
 from bayesify.predictive import CategoricalPredictive, Predictive, RegressionPredictive
@@ -52,8 +58,13 @@ class MethodSettings:
 
 
 _FAST: dict[str, MethodSettings] = {
+    # A handful of draws: the checks are about the contract, not about convergence
+    # (check_method silences the ConvergenceWarning such short chains rightly raise).
     "hmc": MethodSettings(options={"num_samples": 8, "warmup": 8, "max_tree_depth": 3},
                           fit={}),
+    # At the default density 0.1 the suite's 16-wide MLP keeps about two active output
+    # weights, often on dead ReLUs, so the output can be constant in x.
+    "ssvi": MethodSettings(options={"density": 0.5}),
     "gp": MethodSettings(options={"num_inducing": 8, "num_restarts": 1}),
     "ensemble": MethodSettings(options={"members": 2}),
     "laplace": MethodSettings(fit={}),
@@ -391,6 +402,8 @@ def check_method(
     unknown = [c for c in selected if c not in CHECKS]
     if unknown:
         raise InputError(f"`checks` names unknown checks {unknown}; known: {list(CHECKS)}")
-    for check in selected:
-        CHECKS[check](ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for check in selected:
+            CHECKS[check](ctx)
     return selected

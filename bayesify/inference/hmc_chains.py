@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bayesify._math import LOG_2PI
-from bayesify.errors import BayesifyWarning
+from bayesify.errors import ConvergenceWarning
 
 __all__ = [
     "ESS_MIN",
@@ -47,10 +47,6 @@ DIVERGENT_MAX = 0.05
 _FIX = ("raise `warmup` and `num_samples` (and use num_chains >= 2) in bayesify(..., "
         "'hmc', ...); divergences call for a smaller `step_size` or a higher "
         "`target_accept`. See bm.diagnostics()")
-
-
-class ConvergenceWarning(BayesifyWarning):
-    """The MCMC draws of a fit fail a convergence check (R-hat, ESS, divergences)."""
 
 
 def gaussian_log_prior(theta: torch.Tensor, std: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ tested for "vi" and "ssvi" together here.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -165,13 +166,45 @@ def test_loss_is_nll_plus_kl_over_n():
 
 
 def test_unsupported_layers_are_named():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'0' \(Embedding\).*keep_deterministic"):
-        bf.bayesify(model, "vi", task="classification")
-    bm = bf.bayesify(model, "vi", task="classification", keep_deterministic=["0"])
-    assert isinstance(bm.model[2], BayesianLinear)
-    with pytest.raises(UnsupportedModelError, match=r"'conv' \(Conv1d\)"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'conv' \(Conv1d\).*exclude=\['conv'\]"):
         bf.bayesify(_with_conv1d(), "vi", task="regression", num_outputs=1)
+    for option in ({"exclude": ["conv"]}, {"exclude": "co*"}, {"include": ["head"]},
+                   {"keep_deterministic": ["conv"]}):
+        bm = bf.bayesify(_with_conv1d(), "vi", task="regression", num_outputs=1, **option)
+        assert list(bm.bayesian_layers) == ["head"]
+
+
+def test_embedding_and_norm_layers_stay_deterministic_and_are_logged_once(caplog):
+    from bayesify.inference import mean_field
+
+    def model():
+        return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.LayerNorm(8),
+                             nn.Linear(8, 2))
+
+    mean_field._LOGGED.clear()
+    with caplog.at_level("WARNING", logger="bayesify"):
+        bm = bf.bayesify(model(), "vi", task="classification")
+        bf.bayesify(model(), "vi", task="classification")
+    assert isinstance(bm.model[0], nn.Embedding) and isinstance(bm.model[3], BayesianLinear)
+    records = [r for r in caplog.records if r.name == "bayesify"]
+    assert len(records) == 1
+    assert re.search(r"left 2 Embedding and normalization layer\(s\).*exclude=\[.0., .2.\]",
+                     records[0].getMessage())
+    caplog.clear()
+    mean_field._LOGGED.clear()
+    with caplog.at_level("WARNING", logger="bayesify"):
+        bf.bayesify(model(), "vi", task="classification", exclude=["0", "2"])
+    assert not caplog.records
+
+
+def test_include_exclude_patterns_are_checked():
+    with pytest.raises(InputError, match=r"`exclude` pattern 'nope\*' matches no module"):
+        bf.bayesify(_mlp(), "vi", task="classification", exclude=["nope*"])
+    with pytest.raises(InputError, match=r"`include` must be a module-name pattern"):
+        bf.bayesify(_mlp(), "vi", task="classification", include=[3])
+    with pytest.raises(UnsupportedModelError, match="outside `include`"):
+        bf.bayesify(_mlp(), "vi", task="classification", include=["1"])
 
 
 def _with_conv1d() -> nn.Module:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bayesify._batching import cat_inputs, num_rows
 from bayesify.errors import InputError
 from bayesify.fitting.options import FitOptions, FitStrategy
 
@@ -19,7 +20,8 @@ _GATHER_BATCH = 1 << 62
 
 
 class FullBatchFit(FitStrategy):
-    """Gather the training set into tensors X [N, ...], y [N] or [N, D] and call the
+    """Gather the training set into X [N, ...] (a tensor, or a mapping or tuple of them
+    for structured inputs), y [N] or [N, D] and call the
     method's ``fit_full_batch(x, y, seed=..., progress=...)`` once.
 
     Args:
@@ -37,10 +39,10 @@ class FullBatchFit(FitStrategy):
         pairs = list(batches)
         if not pairs:
             raise InputError("`train` is empty; pass at least one training example")
-        x = torch.cat([p[0] for p in pairs])
+        x = cat_inputs([p[0] for p in pairs])
         y = torch.cat([p[1] for p in pairs])
         if method.n_data is None:
-            method.n_data = int(x.shape[0])
+            method.n_data = num_rows(x)
         if options.seed is not None:
             torch.manual_seed(options.seed)
         method.fit_full_batch(x, y, seed=options.seed, progress=options.progress)

@@ -170,6 +170,7 @@ class EnsembleModel(BayesianModel):
                 reinitialize_network(net, reinitialize, base_options.get("head"))
                 built.append(base_cls(net, task, **options))
         self.members = nn.ModuleList(built)
+        self.output, self.label_key = self.output, self.label_key  # reach the members
         if task == "regression":
             for member in built:
                 if not isinstance(member.likelihood, GaussianLikelihood):
@@ -177,6 +178,34 @@ class EnsembleModel(BayesianModel):
                         f"base {self.base!r} has no Gaussian likelihood for regression, so "
                         "its members' predictions cannot be pooled")
             self.likelihood = GaussianLikelihood(_pooled_split)
+
+    # ------------------------------------------------- structured inputs and outputs
+
+    # The members run the network, so ``bayesify(..., output=, label_key=)`` (which sets
+    # these on the ensemble after construction) is passed on to every member.
+
+    @property
+    def output(self) -> Any:
+        """The ``output=`` callable of the ensemble and every member (see
+        :mod:`bayesify._network`)."""
+        return self.__dict__.get("_output")
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self.__dict__["_output"] = value
+        for member in self.__dict__.get("_modules", {}).get("members", ()):
+            member.output = value
+
+    @property
+    def label_key(self) -> str | None:
+        """The key of mapping batches holding the labels, shared with the members."""
+        return self.__dict__.get("_label_key")
+
+    @label_key.setter
+    def label_key(self, value: str | None) -> None:
+        self.__dict__["_label_key"] = value
+        for member in self.__dict__.get("_modules", {}).get("members", ()):
+            member.label_key = value
 
     # ---------------------------------------------------------------- the contract
 

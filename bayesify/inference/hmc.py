@@ -20,8 +20,10 @@ Regression noise (``noise=``):
 * a positive float: a fixed, known noise std;
 * ``"heteroscedastic"``: the network outputs means then raw scales (2·D columns).
 
-The network is evaluated functionally (``torch.func.functional_call``) on a flat
-weight vector, so the user's module keeps its weights; the posterior evaluates all
+The network is evaluated functionally (``torch.func.functional_call``, through
+:meth:`~bayesify.core.BayesianModel.call_network`, so inputs may be mappings or tuples
+and outputs ``ModelOutput``s) on a flat weight vector, so the user's module keeps its
+weights; the posterior evaluates all
 draws in one batched call with ``torch.func.vmap``.
 
 BatchNorm: the network always runs in eval mode, in sampling and in prediction, with
@@ -47,8 +49,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
+from bayesify._batching import num_rows, take_rows
 from bayesify._progress import progress_enabled
 from bayesify._validation import (
     check_fraction,
@@ -196,7 +199,7 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
 
     def _outputs(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Network outputs [N, K] at one flat weight vector [P] (the caller sets eval)."""
-        return functional_call(self.model, self._flat.unflatten(weights), (x,))
+        return self.call_network(x, params=self._flat.unflatten(weights))
 
     def _sample_outputs(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Outputs [S, N, K] for draws [S, P] in eval mode, batched with vmap where the
@@ -252,13 +255,14 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         [B, D] (``n_data`` defaults to the batch size); the noise std is the module's
         ``noise`` parameter. The network runs in its current mode.
         """
-        output = self.model(x)
+        output = self.call_network(x)
         y = self._check_targets(output, y)
         weights = torch.cat([p.reshape(-1) for n, p in self.model.named_parameters()
                              if p.requires_grad])
-        log_std = self.noise.log_std.to(x.dtype) if self._samples_noise else None
-        n = self.n_data or x.shape[0]
-        return -(self._log_likelihood(output, log_std, y) / x.shape[0]
+        log_std = self.noise.log_std.to(output.dtype) if self._samples_noise else None
+        rows = num_rows(x)
+        n = self.n_data or rows
+        return -(self._log_likelihood(output, log_std, y) / rows
                  + self._log_prior(weights, log_std) / n)
 
     def fit_strategy(self) -> FitStrategy:
@@ -282,14 +286,14 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         with preserve_training_flags(self.model):
             self.model.eval()  # BatchNorm with the network's own statistics
             with torch.no_grad():
-                y = self._check_targets(self.model(x), y)
-            self.n_data = int(x.shape[0])
+                y = self._check_targets(self.call_network(x), y)
+            self.n_data = num_rows(x)
             if self._samples_noise:
                 self._initialize_noise([(x, y)])
             start = self._flat.flatten(self.model)
             if self._samples_noise:
                 start = torch.cat([start, self.noise.log_std.detach().to(start)])
-            devices = [x.device] if x.device.type == "cuda" else []
+            devices = [y.device] if y.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices, enabled=seed is not None), \
                     intra_op_threads(self.num_threads):
                 if seed is not None:
@@ -325,10 +329,11 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         """Split-R-hat and ESS [M] of the outputs of draws [C, S, P'] at up to 256 of
         the training inputs x [N, ...] (log probabilities for classification)."""
         chains, count = draws.shape[:2]
-        idx = torch.linspace(0, x.shape[0] - 1, min(_CHECK_POINTS, x.shape[0]),
-                             device=x.device).round().long().unique()
+        n = num_rows(x)
+        idx = torch.linspace(0, n - 1, min(_CHECK_POINTS, n),
+                             device=draws.device).round().long().unique()
         weights, _ = self._split_theta(draws.reshape(chains * count, -1))
-        outputs = self._sample_outputs(weights, x[idx])
+        outputs = self._sample_outputs(weights, take_rows(x, idx))
         if self.task == "classification":
             outputs = torch.log_softmax(outputs, -1)
         return split_diagnostics(outputs.reshape(chains, count, -1))
@@ -409,7 +414,7 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         """Posterior-averaged prediction once fitted (log mean probabilities [N, C] or
         the mixture mean [N] / [N, D]); the network's own output before."""
         if not self.is_fitted:
-            return self._point(self.model(x))
+            return self._point(self.call_network(x))
         weights, _ = self._split_theta(self._draws(None))
         outputs = self._sample_outputs(weights, x)
         if self.task == "classification":

@@ -18,7 +18,9 @@ bridge removes it itself).
 
 The network is used in eval mode throughout (BatchNorm uses and keeps its running
 statistics; dropout is off), through hooks and ``torch.func``, so any ``nn.Module``
-works, Sequential or not. See Daxberger et al., "Laplace Redux", NeurIPS 2021.
+works, Sequential or not, with inputs that are tensors, mappings (HuggingFace batches)
+or tuples, and outputs reduced to logits or means as :mod:`bayesify._network` says.
+See Daxberger et al., "Laplace Redux", NeurIPS 2021.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayesify._batching import num_rows
 from bayesify._validation import check_choice, check_labels, check_positive_int
 from bayesify.checkpoint import mark_dynamic
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
@@ -205,7 +208,7 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
     # ------------------------------------------------------------------ network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = as_outputs(self.model(x), x.shape[0])
+        f = as_outputs(self.call_network(x), num_rows(x))
         if self.task == "regression" and f.shape[1] == 1:
             return f[:, 0]
         return f
@@ -213,7 +216,7 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The negative log likelihood of a batch at the current weights (θ_MAP's
         objective without its prior; train the network before wrapping it)."""
-        f = as_outputs(self.model(x), x.shape[0])
+        f = as_outputs(self.call_network(x), num_rows(x))
         if self.task == "classification":
             return F.cross_entropy(f, check_labels(y, "y", f.shape[1]))
         y = regression_targets(y, f.shape[1])
@@ -230,7 +233,7 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
             box.update(phi=inputs[0], out=output, calls=box["calls"] + 1)
         handle = self.head.register_forward_hook(hook)
         try:
-            out = self.model(x)
+            out = self.call_network(x)
         finally:
             handle.remove()
         name = repr(self.head_name)
@@ -244,7 +247,7 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
             raise UnsupportedModelError(
                 f"subset='last_layer' needs head inputs [N, D]; {name} gets "
                 f"{list(phi.shape)}. Pass subset=[{name}] to use Jacobians instead")
-        f = as_outputs(out, x.shape[0])
+        f = as_outputs(out, num_rows(x))
         if check and (f.numel() != box["out"].numel()
                       or not torch.equal(f.reshape(box["out"].shape), box["out"])):
             raise UnsupportedModelError(
@@ -274,7 +277,9 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
         with preserve_training_flags(self.model):
             self.model.eval()
             fit_curvature(self, x, y, seed=seed, progress=progress)
-        self.input_ndim.fill_(x.dim())
+        # The rank of a batch of points, to tell blocks [b, q, ...] from points when
+        # predicting (0 for structured inputs, which come as points only).
+        self.input_ndim.fill_(x.dim() if isinstance(x, torch.Tensor) else 0)
         if self.tune == "marglik":
             self._tune_marglik(None, True, 100)
 

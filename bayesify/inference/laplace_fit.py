@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from bayesify._batching import Inputs, num_rows, take_rows
 from bayesify._progress import progress_bar
 from bayesify.errors import InputError, UnsupportedModelError
 from bayesify.layers.laplace_curvature import (
@@ -84,24 +85,31 @@ def _slices(n: int, rows: int) -> list[slice]:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def _stats(m: LaplaceModel, x: torch.Tensor, y: torch.Tensor, rows: int,
+def _itemsize(x: Inputs) -> int:
+    """Bytes per number of the inputs for the memory estimates (4 unless floating)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.element_size()
+    return 4
+
+
+def _stats(m: LaplaceModel, x: Inputs, y: torch.Tensor, rows: int,
            progress: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log likelihood terms at θ_MAP; returns y as [N] labels or [N, D] targets and the
     cached features φ̃ [N, D] of a last layer (when they fit in memory)."""
-    n = x.shape[0]
-    keep = m.last_layer and n * (m.head.in_features + 1) * x.element_size() * 2 \
+    n = num_rows(x)
+    keep = m.last_layer and n * (m.head.in_features + 1) * _itemsize(x) * 2 \
         <= m.max_memory // 4
     feats, loglik, rss, targets, width = None, 0.0, 0.0, [], 0
     with torch.no_grad():
         for sl in progress_bar(_slices(n, rows), desc="laplace: data", progress=progress):
             if m.last_layer:
-                f, phi = m._features(x[sl], check=sl.start == 0)
+                f, phi = m._features(take_rows(x, sl), check=sl.start == 0)
                 if keep:
                     if feats is None:
                         feats = phi.new_empty(n, phi.shape[1])
                     feats[sl] = phi
             else:
-                f = as_outputs(m.model(x[sl]), sl.stop - sl.start)
+                f = as_outputs(m.call_network(take_rows(x, sl)), sl.stop - sl.start)
             yb = m._check_targets(f, y[sl])
             width = f.shape[1]
             if m.task == "classification":
@@ -114,12 +122,13 @@ def _stats(m: LaplaceModel, x: torch.Tensor, y: torch.Tensor, rows: int,
     return targets, feats
 
 
-def fit_curvature(m: LaplaceModel, x: torch.Tensor, y: torch.Tensor, *,
+def fit_curvature(m: LaplaceModel, x: Inputs, y: torch.Tensor, *,
                   seed: int | None, progress: bool | None) -> None:
-    """Build ``m.structure``'s curvature from the training data X [N, ...], y."""
-    if x.shape[0] == 0:
+    """Build ``m.structure``'s curvature from the training data X [N, ...] (a tensor, or
+    a mapping or tuple of them), y."""
+    if num_rows(x) == 0:
         raise InputError("`train` is empty; pass at least one training example")
-    item = x.element_size() if x.is_floating_point() else 4
+    item = _itemsize(x)
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     if m.last_layer:
         d = m.head.in_features + int(m.head.bias is not None)
@@ -132,7 +141,7 @@ def fit_curvature(m: LaplaceModel, x: torch.Tensor, y: torch.Tensor, *,
         _last_layer(m, x, y, feats, rows, generator, progress)
     else:
         with torch.no_grad():  # one row tells the output width: check sizes before the data
-            k = as_outputs(m.model(x[:1]), 1).shape[1]
+            k = as_outputs(m.call_network(take_rows(x, slice(0, 1))), 1).shape[1]
         m.output_width.fill_(k)
         _check_size(m, item)
         rows = 0  # K-FAC of Linear/Conv2d layers needs no Jacobians
@@ -140,7 +149,7 @@ def fit_curvature(m: LaplaceModel, x: torch.Tensor, y: torch.Tensor, *,
             rows = chunk_rows(k * m.layout.num_params * item * 4 + k * k * item, m.max_memory,
                               f"Jacobians over {m.layout.num_params:,} weights",
                               "use subset='last_layer' or hessian='kron'")
-        y, _ = _stats(m, x, y, min(256, x.shape[0]), progress)
+        y, _ = _stats(m, x, y, min(256, num_rows(x)), progress)
         _general(m, x, y, rows, generator, progress)
 
 
@@ -156,17 +165,17 @@ def _check_size(m: LaplaceModel, item: int) -> None:
 # ------------------------------------------------------------------ last layer
 
 
-def _ll_chunks(m: LaplaceModel, x: torch.Tensor, y: torch.Tensor, feats: torch.Tensor | None,
+def _ll_chunks(m: LaplaceModel, x: Inputs, y: torch.Tensor, feats: torch.Tensor | None,
                rows: int, progress: bool | None, desc: str):
     """(φ̃, f, y) per chunk, from cached features or a fresh forward pass."""
-    n = x.shape[0]
+    n = num_rows(x)
     with torch.no_grad():
         for sl in progress_bar(_slices(n, rows), desc=desc, progress=progress):
             if feats is not None:
                 phi = feats[sl]
                 f = phi @ m._head_matrix().T
             else:
-                f, phi = m._features(x[sl])
+                f, phi = m._features(take_rows(x, sl))
             yield phi, f, y[sl]
 
 
@@ -184,8 +193,8 @@ def _last_layer(m: LaplaceModel, x, y, feats, rows, generator, progress) -> None
         elif hess == "diag":
             s.curvature = torch.stack([torch.kron(eye[r], a_mat.diagonal()) for r in range(c)])
         else:
-            s.a_0, s.count_0 = a_mat, a_mat.new_tensor(float(x.shape[0]))
-            s.g_0 = float(x.shape[0]) * torch.diag_embed(eye)
+            s.a_0, s.count_0 = a_mat, a_mat.new_tensor(float(num_rows(x)))
+            s.g_0 = float(num_rows(x)) * torch.diag_embed(eye)
         return
     if hess == "lowrank":
         d = m.head.in_features + int(m.head.bias is not None)
@@ -212,7 +221,7 @@ def _last_layer(m: LaplaceModel, x, y, feats, rows, generator, progress) -> None
             total[0], total[1] = total[0] + fa, total[1] + fg
     if hess == "kron":
         s.a_0, s.g_0 = total[0], total[1][None]
-        s.count_0 = total[0].new_tensor(float(x.shape[0]))
+        s.count_0 = total[0].new_tensor(float(num_rows(x)))
     else:
         s.curvature = total[0][None]
 
@@ -233,8 +242,8 @@ def _jac_chunks(m: LaplaceModel, layout: ParameterLayout, x, y, rows, progress, 
                 index=None):
     """(f, M) per chunk: outputs and the square-root rows M = vᵀJ [B, R, S, P]."""
     w0 = m._noise_weights().detach()
-    for sl in progress_bar(_slices(x.shape[0], rows), desc=desc, progress=progress):
-        f, jac = batch_jacobian(m.model, layout, x[sl], index)
+    for sl in progress_bar(_slices(num_rows(x), rows), desc=desc, progress=progress):
+        f, jac = batch_jacobian(m.model, layout, take_rows(x, sl), index, output=m.output)
         f, jac = f.detach(), jac.detach()
         v = output_sqrt(m.task, m.curvature, f, y[sl], w0)
         yield f, sqrt_jacobian(v, jac)
@@ -294,17 +303,18 @@ def _kron(m: LaplaceModel, x, y, progress) -> None:
     groups = m.layout.groups
     affine = [i for i, g in enumerate(groups) if g.kind == "affine"]
     plain = [i for i, g in enumerate(groups) if g.kind == "plain"]
-    item = x.element_size() if x.is_floating_point() else 4
+    item = _itemsize(x)
     w0 = m._noise_weights().detach()
     if affine:
-        hooks = KronHooks(m.model, [groups[i] for i in affine], m._pieces())
+        hooks = KronHooks(m.model, [groups[i] for i in affine], m._pieces(), output=m.output)
         k = m.num_outputs
         rows = chunk_rows(k * k * item * 8 + 4096 * item, m.max_memory, "K-FAC rows",
                           CHEAPER["kron"])
         rows = min(rows, 256)
-        for sl in progress_bar(_slices(x.shape[0], rows), desc="laplace: K-FAC",
+        for sl in progress_bar(_slices(num_rows(x), rows), desc="laplace: K-FAC",
                                progress=progress):
-            hooks.step(x[sl], lambda f, sl=sl: output_sqrt(m.task, m.curvature, f, y[sl], w0))
+            hooks.step(take_rows(x, sl),
+                       lambda f, sl=sl: output_sqrt(m.task, m.curvature, f, y[sl], w0))
         for j, i in enumerate(affine):
             if not hooks.counts[j]:
                 raise UnsupportedModelError(f"hessian='kron': {groups[i].label} was never "

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
+from bayesify._batching import num_rows, take_rows
 from bayesify.core import preserve_training_flags
 from bayesify.inference.laplace_fit import chunk_rows
 from bayesify.layers.laplace_curvature import as_outputs, batch_jacobian
@@ -38,7 +38,7 @@ class LaplacePredictionMixin:
         x [b, q, ...], joint covariances [b, K, q, q]; ``predictive="nn"``: a
         SampledPosterior [S, N, K]."""
         blocks = None
-        if x.dim() == int(self.input_ndim) + 1:
+        if isinstance(x, torch.Tensor) and x.dim() == int(self.input_ndim) + 1:
             blocks = tuple(x.shape[:2])
             x = x.reshape(-1, *x.shape[2:])
         with preserve_training_flags(self.model):
@@ -62,7 +62,7 @@ class LaplacePredictionMixin:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean [N, K] and J Σ Jᵀ in ``mode`` (joint: [b, K, q, q]), in chunks."""
         fac = self._factor()
-        n = x.shape[0]
+        n = num_rows(x)
         k = self.num_outputs
         item = 8 if factor_dtype(self.device) == torch.float64 else 4
         if not self.last_layer or (self.hessian == "full" and mode == "output"):
@@ -82,7 +82,7 @@ class LaplacePredictionMixin:
         means, covs = [], []
         center = self.task == "classification" and mode == "diag"
         for start in range(0, n, rows):
-            xb = x[start:start + rows]
+            xb = take_rows(x, slice(start, start + rows))
             if self.last_layer:
                 f, phi = self._features(xb)
                 if blocks:
@@ -90,7 +90,8 @@ class LaplacePredictionMixin:
                 cov = self.structure.ll_cov(fac, phi, k, mode, center)
             else:
                 index = self.subnet_index if self.subset == "subnetwork" else None
-                f, jac = batch_jacobian(self.model, self.layout, xb, index)
+                f, jac = batch_jacobian(self.model, self.layout, xb, index,
+                                        output=self.output)
                 if blocks:
                     jac = jac.reshape(-1, blocks[1], *jac.shape[1:])
                 cov = self.structure.jac_cov(fac, jac, mode, center)
@@ -117,5 +118,5 @@ class LaplacePredictionMixin:
         outs = []
         for i in range(s):
             params = self.layout.unflatten(full[i])
-            outs.append(as_outputs(functional_call(self.model, params, (x,)), x.shape[0]))
+            outs.append(as_outputs(self.call_network(x, params=params), num_rows(x)))
         return torch.stack(outs)

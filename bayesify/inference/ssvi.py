@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayesify._batching import num_rows
 from bayesify._validation import (
     check_choice,
     check_fraction,
@@ -93,8 +94,8 @@ class SSVIModel(VIModel):
             paper's BatchNorm ResNets undo the shrinkage themselves).
         seed: seeds the random initial mask.
         prior_std, init_std, kl_weight, temperature, kl_warmup, keep_deterministic,
-        sgd_momentum, cosine_lr, rho_lr, noise, num_outputs, n_data: as for ``"vi"``,
-            with SSVI's defaults.
+        include, exclude, sgd_momentum, cosine_lr, rho_lr, noise, num_outputs, n_data:
+            as for ``"vi"``, with SSVI's defaults.
     """
 
     default_epochs = 100
@@ -108,6 +109,8 @@ class SSVIModel(VIModel):
                  prior_std: float = 1.0, init_std: float = 6e-4,
                  kl_weight: float | None = None, temperature: float = 0.01,
                  kl_warmup: float = 0.5, keep_deterministic: str | Sequence[str] = (),
+                 include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None,
                  sgd_momentum: float | None = 0.9, cosine_lr: bool = True,
                  rho_lr: float | None = None, noise: Any = "homoscedastic",
                  num_outputs: int | None = None, n_data: int | None = None):
@@ -121,7 +124,8 @@ class SSVIModel(VIModel):
         check_choice(initial_mask, "initial_mask", INITIAL_MASKS)
         super().__init__(model, task, prior_std=prior_std, init_std=init_std,
                          kl_weight=kl_weight, temperature=temperature, kl_warmup=kl_warmup,
-                         keep_deterministic=keep_deterministic, sgd_momentum=sgd_momentum,
+                         keep_deterministic=keep_deterministic, include=include,
+                         exclude=exclude, sgd_momentum=sgd_momentum,
                          cosine_lr=cosine_lr, rho_lr=rho_lr, noise=noise,
                          num_outputs=num_outputs, n_data=n_data)
         dense = self._resolve_dense_layers(dense_layers)
@@ -183,7 +187,7 @@ class SSVIModel(VIModel):
         # The dense weight gradient costs one dense product per layer on top of the
         # sparse backward.
         extra = sum(2 * (m.num_weights - m.num_active) * m.output_positions
-                    for m in self._sparse.values()) * x.shape[0]
+                    for m in self._sparse.values()) * num_rows(x)
         return loss, extra
 
     def _dense_gradient(self, x: torch.Tensor, y: torch.Tensor,

@@ -12,7 +12,9 @@ BatchNorm ``fit`` keeps the first ``bn_update_size`` training inputs it sees (in
 buffer ``bn_inputs``, saved with checkpoints): ``predict`` needs nothing else. Each
 posterior draw re-estimates the statistics on them (one forward pass over them per
 draw, running averages with ``momentum=None``), and the network's own statistics (those
-of θ̄, set at the end of ``fit``) are restored afterwards.
+of θ̄, set at the end of ``fit``) are restored afterwards. The kept inputs are one
+tensor, so a network with BatchNorm takes one tensor as input; without BatchNorm, inputs
+may be mappings (HuggingFace batches) or tuples as for every method.
 
 ``swag`` can be an ensemble's base: ``bayesify(net, "ensemble", base="swag")`` is
 MultiSWAG (Wilson & Izmailov 2020). In your own loop, an optimizer from
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from bayesify._validation import (
     check_choice,
@@ -203,10 +205,7 @@ class SWAGModel(NetworkLikelihoodMixin, BayesianModel):
                 layer.train()
             try:
                 for chunk in self.bn_inputs.split(self.default_batch_size):
-                    if weights is None:
-                        self.model(chunk)
-                    else:
-                        functional_call(self.model, weights, (chunk,))
+                    self.call_network(chunk, params=weights)
             finally:
                 for layer, momentum in zip(layers, momenta, strict=True):
                     layer.momentum = momentum
@@ -214,10 +213,10 @@ class SWAGModel(NetworkLikelihoodMixin, BayesianModel):
     # -------------------------------------------------------------------- training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._point(self.model(x))
+        return self._point(self.call_network(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._nll(self.model(x), y)
+        return self._nll(self.call_network(x), y)
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """SGD with the method's momentum (the SWAG phase of the paper); every step it
@@ -264,7 +263,8 @@ class SWAGModel(NetworkLikelihoodMixin, BayesianModel):
             for x, _ in batches:
                 if not isinstance(x, torch.Tensor):
                     raise InputError("SWAG refreshes BatchNorm statistics on kept training "
-                                     "inputs, which must be tensors; the data yield "
+                                     "inputs, which must be one tensor for a network with "
+                                     "BatchNorm; the data yield "
                                      f"{type(x).__name__}")
                 rows.append(x)
                 if sum(r.shape[0] for r in rows) >= self.bn_update_size:
@@ -322,7 +322,7 @@ class SWAGModel(NetworkLikelihoodMixin, BayesianModel):
         if not layers:
             try:
                 return sampled_posterior(self, vmap(
-                    lambda w: functional_call(self.model, w, (x,)), randomness="error")(draws))
+                    lambda w: self.call_network(x, params=w), randomness="error")(draws))
             except RuntimeError:
                 pass        # a network vmap cannot trace: one draw at a time below
         names = [f"{prefix}.{n}" if prefix else n
@@ -338,7 +338,7 @@ class SWAGModel(NetworkLikelihoodMixin, BayesianModel):
                 if layers:
                     self._refresh_bn({k: v.detach() for k, v in weights.items()})
                     weights.update({n: buffers[n].clone() for n in names})
-                outputs.append(functional_call(self.model, weights, (x,)))
+                outputs.append(self.call_network(x, params=weights))
         finally:
             with torch.no_grad():
                 for n in names:

@@ -17,6 +17,12 @@ Training in your own loop: ``bm.loss(x, y)`` is the per-datum negative ELBO (it 
 after the loop and the model predicts. ``fit`` adds the schedules (cosine lr, KL
 warm-up), which it plans from ``self.fit_plan``.
 
+Which layers: every ``nn.Linear`` / ``nn.Conv2d`` in scope; ``include=`` / ``exclude=``
+name patterns choose the scope (``exclude=["bert.embeddings.*"]``), and Embedding and
+normalization layers stay point estimates (said once through the ``"bayesify"`` logger).
+Inputs may be a tensor, a mapping of keyword inputs (HuggingFace batches) or a tuple;
+outputs that are not a tensor are reduced as :mod:`bayesify._network` says.
+
 BatchNorm: layers outside the converted Linear/Conv2d keep their point weights;
 BatchNorm trains as usual during ``fit`` (batch statistics in train mode) and runs in
 eval mode, with its running statistics, when predicting (``predict`` puts the model
@@ -41,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesify._batching import to_inputs
+from bayesify._batching import num_rows, to_inputs
 from bayesify._validation import check_fraction, check_positive_float
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import InputError
@@ -72,8 +78,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
 
     Args:
         model: a network outputting logits [N, C] or regression means [N, D]
-            ([N, 2D] with ``noise="heteroscedastic"``). Its Linear/Conv2d layers are
-            replaced in place by mean-field layers.
+            ([N, 2D] with ``noise="heteroscedastic"``). Its Linear/Conv2d layers in
+            scope are replaced in place by mean-field layers.
         task: ``"classification"`` or ``"regression"``.
         prior_std: the N(0, prior_std^2) prior on every weight and bias.
         init_std: the starting posterior standard deviation of every weight.
@@ -84,6 +90,11 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
             0 to its value (0: no warm-up).
         keep_deterministic: names of modules to leave as point estimates, or
             ``"first"`` for the first Linear/Conv2d.
+        include: module-name patterns (fnmatch, e.g. ``["bert.encoder.*"]``) of the part
+            of the model to make Bayesian; the whole model when ``None``.
+        exclude: module-name patterns of modules to leave as point estimates (with
+            their children), e.g. ``["bert.embeddings.*", "*.LayerNorm"]``. Embedding
+            and normalization layers stay point estimates anyway (logged once).
         sgd_momentum: use SGD with this momentum as the default optimizer (AdamW when
             ``None``).
         cosine_lr: anneal the default optimizer's learning rate to 0 over training.
@@ -103,6 +114,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
                  init_std: float = 1e-3, kl_weight: float | None = None,
                  temperature: float = 1.0, kl_warmup: float = 0.0,
                  keep_deterministic: str | Sequence[str] = (),
+                 include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None,
                  sgd_momentum: float | None = None, cosine_lr: bool = False,
                  rho_lr: float | None = None, noise: Any = "homoscedastic",
                  num_outputs: int | None = None, n_data: int | None = None):
@@ -124,7 +137,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         self._init_likelihood(noise, num_outputs)
         self.model, self._layers = convert_to_mean_field(
             model, method=self.method_name, keep_deterministic=keep_deterministic,
-            prior_std=self.prior_std, init_std=self.init_std)
+            include=include, exclude=exclude, prior_std=self.prior_std,
+            init_std=self.init_std)
         # Schedule state of the running fit: the KL warm-up factor, the step counter and
         # the total steps planned from ``self.fit_plan``.
         self._kl_factor = 1.0
@@ -163,12 +177,12 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The mean network's prediction: logits [N, C] or the regression mean [N] / [N, D]."""
         with sampling_mode(self.model, "mean"):
-            return self._point(self.model(x))
+            return self._point(self.call_network(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Negative ELBO per datum on a batch x [B, ...], y [B] or [B, D] (a scalar),
         with one LRT sample per example."""
-        nll = self._nll(self.model(x), y)
+        nll = self._nll(self.call_network(x), y)
         return nll + self._kl_factor * self.effective_kl_weight() * self.kl()
 
     def _posterior(self, x: torch.Tensor, num_samples: int | None,
@@ -176,7 +190,7 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         """Raw outputs [S, N, K] of S networks, each one weight draw shared by the batch."""
         count = num_samples or self.default_num_samples
         with sampling_mode(self.model, "weights", generator):
-            outputs = torch.stack([self.model(x) for _ in range(count)])
+            outputs = torch.stack([self.call_network(x) for _ in range(count)])
         return sampled_posterior(self, outputs)
 
     # ------------------------------------------------------------------ training
@@ -190,7 +204,7 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
             # schedules and the KL weight's N.
             batch_count = rows = 0
             for x, _ in batches:
-                batch_count, rows = batch_count + 1, rows + int(x.shape[0])
+                batch_count, rows = batch_count + 1, rows + num_rows(x)
             steps = batch_count * (plan.epochs if plan is not None else 1)
             if needs_n and rows:
                 self.n_data = rows
@@ -237,7 +251,7 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
             loss, extra_flops = self._update(x, y, optimizer)
         finally:
             self._kl_factor = 1.0
-        self.training_flops += 3 * self._step_flops * x.shape[0] + extra_flops
+        self.training_flops += 3 * self._step_flops * num_rows(x) + extra_flops
         if self._scheduler is not None:
             self._scheduler.step()
         self._step += 1
@@ -250,11 +264,12 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         loss and the FLOPs spent beyond one forward and backward pass (0 here)."""
         return super().training_step(x, y, optimizer), 0
 
-    def layer_counts(self, x: torch.Tensor | None = None) -> list[LayerCount]:
+    def layer_counts(self, x: Any = None) -> list[LayerCount]:
         """Weights and per-example forward FLOPs of every weight layer (see LayerCount).
 
         Args:
-            x: an example input [B, ...] (needed once, for the convolutions' sizes).
+            x: an example input [B, ...] (a tensor, or a mapping or tuple of them as
+                the model takes; needed once, for the convolutions' sizes).
         """
         if x is not None:
             x = to_inputs(x, "x", dtype=self.dtype, device=self.device)

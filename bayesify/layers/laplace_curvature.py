@@ -29,8 +29,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
+from bayesify._batching import Inputs, num_rows, take_rows
+from bayesify._network import OutputFn, call_network
 from bayesify.errors import InputError, UnsupportedModelError
 from bayesify.layers.laplace_layout import Group, ParameterLayout
 
@@ -166,24 +168,25 @@ def ll_matvec(phi: torch.Tensor, a: torch.Tensor | None, u: torch.Tensor | None,
 # ---------------------------------------------------------------- Jacobians (torch.func)
 
 
-def batch_jacobian(model: nn.Module, layout: ParameterLayout, x: torch.Tensor,
-                   index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_jacobian(model: nn.Module, layout: ParameterLayout, x: Inputs,
+                   index: torch.Tensor | None = None, *,
+                   output: OutputFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs and per-point Jacobians of any module (its train/eval flags as they are).
 
     Args:
-        model: the network; x: inputs [B, ...] (the graph to x is kept).
+        model: the network; x: inputs [B, ...] (a tensor, or a mapping or tuple of them
+            as the network takes; the graph to x is kept).
         layout: the covered weights; index: a subnetwork's positions in them.
+        output: picks the logits or means from an output that is not a tensor (see
+            :mod:`bayesify._network`).
 
     Returns:
         ``(f [B, K], J [B, K, P])``.
     """
     params = {n: p.detach() for n, p in layout.parameters().items()}
 
-    def single(p: dict[str, torch.Tensor], xi: torch.Tensor):
-        out = functional_call(model, p, (xi[None],))
-        if not isinstance(out, torch.Tensor):
-            raise UnsupportedModelError("Laplace needs the network to return a tensor of "
-                                        f"logits or means, got {type(out).__name__}")
+    def single(p: dict[str, torch.Tensor], xi: Inputs):
+        out = call_network(model, take_rows(xi, None), params=p, output=output)
         out = out.reshape(-1)
         return out, out
 
@@ -220,8 +223,10 @@ class KronHooks:
     special.
     """
 
-    def __init__(self, model: nn.Module, groups: list[Group], pieces: int):
+    def __init__(self, model: nn.Module, groups: list[Group], pieces: int, *,
+                 output: OutputFn | None = None):
         self.model = model
+        self.output = output
         self.groups = groups
         self.pieces = pieces
         self.factors_a: list[torch.Tensor | int] = [0] * len(groups)
@@ -246,15 +251,16 @@ class KronHooks:
             for h in handles:
                 h.remove()
 
-    def step(self, x: torch.Tensor, sqrt_rows: Callable[[torch.Tensor], torch.Tensor]
+    def step(self, x: Inputs, sqrt_rows: Callable[[torch.Tensor], torch.Tensor]
              ) -> torch.Tensor:
         """Accumulate the factors of one chunk; returns the detached outputs [B, K].
 
         Args:
-            x: inputs [B, ...]; sqrt_rows: maps outputs [B, K] to v [B, R, S, K].
+            x: inputs [B, ...] (a tensor, a mapping or a tuple of them);
+                sqrt_rows: maps outputs [B, K] to v [B, R, S, K].
         """
         with torch.enable_grad(), self._hooked():
-            out = as_outputs(self.model(x), x.shape[0])
+            out = as_outputs(call_network(self.model, x, output=self.output), num_rows(x))
             v = sqrt_rows(out.detach())
             b, r, s, k = v.shape
             grad_outputs = v.permute(1, 2, 0, 3).reshape(r * s, b, k)

@@ -118,16 +118,25 @@ def check_probabilities(probs: torch.Tensor, name: str, *, atol: float | None = 
         check_finite(probs, name)
         raise InputError(f"`{name}` must lie in [0, 1]; got values in "
                          f"[{float(probs.min()):.4g}, {float(probs.max()):.4g}]")
-    tol = atol if atol is not None else (1e-3 if probs.dtype in (torch.float16, torch.bfloat16)
-                                          else 1e-4 if probs.dtype == torch.float32 else 1e-8)
-    # A matrix-vector product is far faster than sum(-1) over a short last dimension.
-    sums = probs @ probs.new_ones(probs.shape[-1])
-    worst = float((sums - 1).abs().max())
+    # The tolerance follows the dtype's resolution: bf16 rows of exact softmax outputs
+    # sum to 1 only within a few of its eps (0.0078).
+    base = 1e-4 if probs.dtype != torch.float64 else 1e-8
+    tol = atol if atol is not None else max(base, 4 * torch.finfo(probs.dtype).eps)
+    # A matrix-vector product is far faster than sum(-1) over a short last dimension; it
+    # runs outside autocast, which would otherwise round the sums to bf16/fp16.
+    with torch.autocast(probs.device.type, enabled=False):
+        wide = probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
+        sums = wide @ wide.new_ones(wide.shape[-1])
+    error = sums - 1
+    worst = float(error.abs().max())
     if worst > tol:
+        high, low = float(error.max()), float(error.min())
+        row_sum = 1 + (high if high >= -low else low)
+        hint = (" Apply softmax to logits first" if worst > 0.1 else
+                " (off by more than the dtype's rounding: renormalize the rows)")
         raise InputError(
             f"`{name}` rows must sum to one (within {tol:g}); the worst row sums to "
-            f"{1 + worst if bool((sums > 1).any()) else 1 - worst:.6g}. "
-            "Apply softmax to logits first"
+            f"{row_sum:.6g}." + hint
         )
 
 

@@ -128,8 +128,10 @@ def _with_scores(pred: Predictive, posterior: Posterior) -> Predictive:
 
 def _flat(posterior: Posterior) -> None:
     if posterior.mean.dim() != 2:
-        raise InputError("a Predictive describes N points: pass a posterior with mean "
-                         f"[N, K], got {list(posterior.mean.shape)}")
+        raise InputError("a Predictive describes N points: the posterior's mean must be "
+                         f"[N, K] (logits or means), got {list(posterior.mean.shape)}; if "
+                         "the network returns more (hidden states [N, T, H], say), pass "
+                         "output=lambda out: ... to bayesify(...) to pick the logits or means")
 
 
 class Likelihood:

@@ -232,17 +232,18 @@ def test_drop_rate_held_by_a_dropout_module_is_sampled_without_warning():
 
 
 class RowLookup(nn.Module):
-    """Reads a per-input table after the dropout, as transformers' position lookups do:
-    the replicated rows of the fast path run past its end (IndexError)."""
+    """Reads a table of one entry per input of a batch of 6 after the dropout, as
+    transformers' lookups sized at build time do: the replicated rows of the split path
+    and the tiled inputs both run past its end (IndexError)."""
 
     def __init__(self):
         super().__init__()
         self.body, self.drop, self.head = nn.Linear(5, 16), nn.Dropout(0.3), nn.Linear(16, 3)
+        self.table = [1.0] * 6
 
     def forward(self, x):
         h = self.head(self.drop(torch.tanh(self.body(x))))
-        table = torch.arange(1.0, x.shape[0] + 1)
-        return h * table.tolist()[h.shape[0] - 1] / table[-1]
+        return h * self.table[h.shape[0] - 1]
 
 
 def test_any_fast_path_failure_falls_back_once():

@@ -182,17 +182,43 @@ def test_fast_path_non_sequential_chunks_and_one_call_per_chunk():
     assert body_calls == [10]
 
 
-@pytest.mark.parametrize("net_cls, n", [(Residual, 6), (TwoBranches, 1)])
-def test_fast_path_falls_back_when_rows_mix(net_cls, n):
+class MaskedEncoder(nn.Module):
+    """A transformer-style network taking ``input_ids`` and ``attention_mask``: dropout
+    on the embeddings, then attention scores masked by the unreplicated mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.drop = nn.Embedding(20, 8), nn.Dropout(0.2)
+        self.attn_drop, self.head = nn.Dropout(0.1), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.drop(self.embed(input_ids))                              # [N, T, 8]
+        scores = h @ h.transpose(1, 2) + (attention_mask[:, None, :] - 1) * 1e4
+        h = self.attn_drop(torch.softmax(scores, -1)) @ h
+        return {"logits": self.head(h[:, 0]), "hidden": h}
+
+
+@pytest.mark.parametrize("net_cls, n", [(Residual, 6), (TwoBranches, 1),
+                                        (MaskedEncoder, 5)])
+def test_rows_that_mix_run_tiled_and_equal_the_loop(net_cls, n):
+    """The split path fails (the replicated rows meet unreplicated ones); the whole
+    network then runs once per chunk on tiled inputs, without a warning."""
     torch.manual_seed(1)
-    bm = wrap(net_cls())
-    x = torch.randn(n, 5)
-    with pytest.warns(BayesifyWarning, match="fell back to one forward pass per sample"):
-        got = bm.predict(x, num_samples=6, seed=2)
+    bm = wrap(net_cls(), max_batch_rows=4 * n)
+    if net_cls is MaskedEncoder:
+        mask = torch.ones(n, 6)
+        mask[1::2, -2:] = 0
+        x = {"input_ids": torch.randint(0, 20, (n, 6)), "attention_mask": mask}
+    else:
+        x = torch.randn(n, 5)
+    calls = []
+    bm.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    got = bm.predict(x, num_samples=6, seed=2)
+    assert bm._fast_mode == "tiled" and len(calls) == 1 + 2   # split, then chunks of 4, 2
     bm.fast_path = False
     want = bm.predict(x, num_samples=6, seed=2)
     torch.testing.assert_close(got.sample_probs, want.sample_probs, atol=1e-6, rtol=0)
-    # Every sample of the second branch has its own mask (no shared masks via broadcast).
+    # Every sample has its own masks (none shared through broadcasting).
     assert len({tuple(p.flatten().tolist()) for p in got.sample_probs}) == 6
 
 

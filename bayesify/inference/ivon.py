@@ -16,6 +16,22 @@ through ``functional_call`` (the parameters are not touched and the outputs stay
 differentiable in x) with the model in eval mode. BatchNorm: training updates the
 running statistics with sampled weights, as the user's own IVON loop does; prediction
 uses them and never updates them.
+
+Recipes: ``recipe="scratch"`` (the default: ``fit`` lr 0.1, ``hess_init`` 1) suits a
+network trained from its initialization; ``recipe="finetune"`` (lr 0.003, ``hess_init``
+= 1/(ess·10⁻⁶), an initial posterior std of at most 1e-3) suits a pretrained one, which
+the from-scratch values can wreck (a pretrained BERT fine-tuned with them predicts the
+majority class). Options given explicitly override the recipe. With the from-scratch
+defaults, ``fit`` compares, on its first batch, the loss of the model as given with
+that of the initial posterior's draws and of the means after 8 steps, and warns (once)
+when either more than doubled, pointing at ``recipe="finetune"``. The
+paper's recipes (Shen et al. 2024, trained from scratch, with an lr schedule):
+
+* CIFAR-10/100 ResNets: ``bayesify(net, "ivon", task="classification", hess_init=0.5,
+  ess=5e4, weight_decay=2e-4).fit(train, lr=0.2, batch_size=50)``;
+* ImageNet ResNet-50: ``hess_init=0.05`` (ess = N = 1.28e6), ``fit(lr=2.5)``;
+* GPT-2 pretraining: ``hess_init=1e-3, ess=1e10, clip_radius=1e-3``, lr 150 to 300
+  (with the rescaled lr α = lr·(h₀ + δ), the step starts as SGD's with lr).
 """
 
 from __future__ import annotations
@@ -26,12 +42,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from bayesify._validation import check_positive_float, check_positive_int
+from bayesify._validation import check_choice, check_positive_float, check_positive_int
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import CheckpointError, InputError, NotFittedError
 from bayesify.fitting import check_finite_loss, gradient_norm
+from bayesify.inference._ivon_recipes import RECIPES, StartWatch, recipe_hess_init
 from bayesify.inference._sampled import sampled_posterior
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
 from bayesify.optim.ivon import IVON
@@ -48,7 +64,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
     """Validate the IVON options of the method (raises InputError)."""
     if options.get("ess") is not None:
         check_positive_float(options["ess"], "ess")
-    check_group({**options, "ess": options.get("ess") or 1.0, "lr": 1.0, "params": []})
+    hess_init = 1.0 if options.get("hess_init") is None else options["hess_init"]
+    check_group({**options, "ess": options.get("ess") or 1.0, "hess_init": hess_init,
+                 "lr": 1.0, "params": []})
     check_positive_int(options["mc_samples"], "mc_samples")
     if options["seed"] is not None:
         check_positive_int(options["seed"], "seed", minimum=0)
@@ -65,10 +83,13 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         optimizer: an :class:`~bayesify.IVON` over the model's parameters that the
             model was trained with (its state is the posterior); ``fit`` continues with
             it. ``None``: ``fit`` (or :meth:`configure_optimizer`) makes one.
+        recipe: ``"scratch"`` (default) or ``"finetune"`` for a pretrained network:
+            ``fit``'s default lr and ``hess_init`` (see the module docstring).
         ess, hess_init, beta1, beta2, weight_decay, mc_samples, hess_approx,
             clip_radius, rescale_lr, sync, seed: options of the IVON that ``fit``
             makes (see :class:`~bayesify.IVON`); ``ess`` defaults to the training-set
-            size and ``weight_decay`` is the default of ``fit(weight_decay=)``.
+            size, ``hess_init`` to the recipe's and ``weight_decay`` is the default of
+            ``fit(weight_decay=)``.
         noise: regression noise: ``"homoscedastic"`` (learned), ``"heteroscedastic"``
             or a fixed standard deviation.
         num_outputs: D, when it cannot be read off the model's last layer.
@@ -92,8 +113,9 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         task: str,
         *,
         optimizer: IVON | None = None,
+        recipe: str = "scratch",
         ess: float | None = None,
-        hess_init: float = 1.0,
+        hess_init: float | None = None,
         beta1: float = 0.9,
         beta2: float = 0.99999,
         weight_decay: float = 1e-4,
@@ -115,6 +137,9 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
             weight_decay=weight_decay, mc_samples=mc_samples, hess_approx=hess_approx,
             clip_radius=clip_radius, rescale_lr=rescale_lr, sync=sync, seed=seed)
         _check_options(self.options)
+        #: ``"scratch"`` or ``"finetune"``: where ``fit``'s lr and ``hess_init`` come from.
+        self.recipe = check_choice(recipe, "recipe", tuple(RECIPES))
+        self._watch: StartWatch | None = None
         self._init_likelihood(noise, num_outputs)
         self._optimizer: IVON | None = None
         self._revoked = False
@@ -178,23 +203,24 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
                 draw = self._optimizer.sample(generator)
                 weights = {names[id(p)]: w for p, w in zip(self._optimizer.params, draw,
                                                            strict=True) if id(p) in names}
-                outputs.append(functional_call(self.model, weights, (x,)))
+                outputs.append(self.call_network(x, params=weights))
         return sampled_posterior(self, torch.stack(outputs))
 
     # -------------------------------------------------------------------- training
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Any) -> torch.Tensor:
         """The prediction at the posterior mean: logits [N, C] or the mean [N]/[N, D]."""
-        return self._point(self.model(x))
+        return self._point(self.call_network(x))
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Any, y: torch.Tensor) -> torch.Tensor:
         """Mean negative log likelihood of the batch (a scalar)."""
-        return self._nll(self.model(x), y)
+        return self._nll(self.call_network(x), y)
 
     def fit_defaults(self) -> dict[str, Any]:
         """With an optimizer, its first group's lr and weight decay (kept unless given)."""
         defaults = super().fit_defaults()
         if self._optimizer is None:
+            defaults["lr"] = RECIPES[self.recipe]["lr"]
             defaults["weight_decay"] = self.options["weight_decay"]
         else:
             group = self._optimizer.param_groups[0]
@@ -239,9 +265,16 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
             raise InputError("IVON needs the training-set size: pass n_data=N (or ess=) to "
                              "bayesify(...), or train with .fit(train)")
         self.options["weight_decay"] = weight_decay
+        defaults = self.options["hess_init"] is None and self.recipe == "scratch"
+        if self.options["hess_init"] is None:
+            self.options["hess_init"] = recipe_hess_init(self.recipe, float(ess))
         options = {**self.options, "ess": float(ess)}
         self._optimizer = IVON(params, lr=lr, **options)
         self._revoked = False
+        # From-scratch defaults on a model that may be pretrained: watch the first steps.
+        self._watch = StartWatch(ess=float(ess), hess_init=options["hess_init"],
+                                 weight_decay=weight_decay, lr=lr) \
+            if defaults and lr == RECIPES["scratch"]["lr"] else None
         return self._optimizer
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor,
@@ -266,7 +299,13 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
             gradient_norm(self.parameters(), self._grad_clip)
             return loss
 
-        return optimizer.step(closure)
+        watch = self._watch
+        if watch is not None and watch.steps == 0 and watch.batch is None:
+            watch.start(self.training_loss, self.model, optimizer, x, y)
+        loss = optimizer.step(closure)
+        if watch is not None:
+            watch.step(self.training_loss, self.model)
+        return loss
 
     def on_fit_end(self) -> None:
         """Check that an IVON holds the posterior of every trainable parameter."""
@@ -291,7 +330,10 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         if self._optimizer is None:
             return {}
         names = {id(p): n for n, p in self.named_parameters()}
-        return {"optimizer": self._optimizer.state_dict(), "options": dict(self.options),
+        options = dict(self.options)
+        if options["hess_init"] is None:   # wrapped a user's IVON: its own h₀
+            options["hess_init"] = self._optimizer.param_groups[0]["hess_init"]
+        return {"optimizer": self._optimizer.state_dict(), "options": options,
                 "param_names": [names[id(p)] for p in self._optimizer.params]}
 
     def _optimizer_for_state(self, extra: Mapping[str, Any]) -> IVON:

@@ -25,30 +25,41 @@ ones included), the prefix is cut off and runs exactly once, and a first dropout
 followed by an ``nn.Linear`` (or inserted on a Linear's input) is folded into that
 layer: the S masked weight matrices are stacked and applied in one GEMM on the
 unreplicated prefix output, when they are no larger than the replicated input would be
-(out_features <= N). Chunks hold at most ``max_batch_rows`` rows (samples × inputs).
+(out_features <= N). Chunks hold at most ``max_batch_rows`` rows (samples × inputs),
+except a folded last layer, whose outputs [S·N, C] are the result: it runs in one call.
 This needs the network to keep rows apart after the first dropout (row-wise layers, as
-in an MLP or CNN head); when a replicated tensor meets an unreplicated one (a skip
+in an MLP or CNN head). When a replicated tensor meets an unreplicated one (a skip
 connection from before the dropout, a second dropout on a branch that bypasses the
-first), the shape checks fail and prediction falls back to one full forward pass per
-sample, with a :class:`~bayesify.errors.BayesifyWarning`. Both paths draw the same masks
-from the same seed.
+first, a transformer's attention mask), the shape checks fail and the whole network
+runs once per chunk on its inputs tiled S times (every tensor of a mapping such as
+``input_ids`` and ``attention_mask``); only when that fails too does prediction fall
+back to one full forward pass per sample, with a
+:class:`~bayesify.errors.BayesifyWarning`. The path that worked is kept for the next
+calls. All paths draw the same masks from the same seed.
+
+On a GPU, sampling waits for the device once per call (the per-module seeds are drawn
+from the caller's generator); chunks, masks and the fold are queued without reading
+anything back. Mixed precision: under ``torch.autocast`` (or with bf16/fp16 weights)
+the network runs in the low precision, a dropout feeding a float32 Linear is still
+folded (the masked weights are cast as autocast casts the weight), and the posterior's
+samples are upcast to float32 before the predictive averages them.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from bayesify._batching import num_rows
+from bayesify._network import reduce_output
 from bayesify._validation import check_fraction, check_positive_int
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import BayesifyWarning, InputError
-from bayesify.inference._sampled import sampled_posterior
+from bayesify.inference._sampled import sampled_posterior, user_stacklevel
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
 from bayesify.layers.dropout import (
     DropoutSampler,
@@ -63,8 +74,7 @@ from bayesify.posterior import SampledPosterior
 
 __all__ = ["MCDropoutModel"]
 
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                 os.path.dirname(os.path.abspath(torch.__file__)))
+_MODES = ("split", "tiled", "loop")
 
 
 def _flatten_sequential(module: nn.Module) -> list[nn.Module]:
@@ -135,9 +145,19 @@ def foldable_dropout(suffix: Sequence[nn.Module], hidden: torch.Tensor
         return None
     if type(linear).forward is not nn.Linear.forward:
         return None
-    if linear.out_features > hidden.shape[0] or linear.weight.dtype != hidden.dtype:
+    if linear.out_features > hidden.shape[0] or not _same_compute_dtype(linear.weight, hidden):
         return None
     return dropout, linear, rest
+
+
+def _same_compute_dtype(weight: torch.Tensor, hidden: torch.Tensor) -> bool:
+    """Whether a Linear with ``weight`` computes in ``hidden``'s dtype: the same dtype,
+    or ``hidden`` in the dtype that ``torch.autocast`` casts both to."""
+    if weight.dtype == hidden.dtype:
+        return True
+    kind = hidden.device.type
+    return (torch.is_autocast_enabled(kind) and weight.dtype == torch.float32
+            and hidden.dtype == torch.get_autocast_dtype(kind))
 
 
 def _module_seeds(count: int, generator: torch.Generator | None) -> list[int]:
@@ -224,15 +244,16 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
                                     if insert else [])
         if functional:
             _warn_functional(functional, self.inserted, existing, rate, p is None)
-        self._fast_ok = True
+        #: The batched path that worked last: "split", then "tiled", then "loop".
+        self._fast_mode = "split"
         if task == "classification" or self.noise.kind == "fixed":
             self._mark_fitted()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._point(self.model(x))
+    def forward(self, x: Any) -> torch.Tensor:
+        return self._point(self.call_network(x))
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._nll(self.model(x), y)
+    def loss(self, x: Any, y: torch.Tensor) -> torch.Tensor:
+        return self._nll(self.call_network(x), y)
 
     def on_fit_start(self, batches: Any) -> None:
         if not self.is_fitted:
@@ -248,12 +269,13 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
 
     # -------------------------------------------------------------------- sampling
 
-    def sample_outputs(self, x: torch.Tensor, num_samples: int,
+    def sample_outputs(self, x: Any, num_samples: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw network outputs under S dropout samples.
 
         Args:
-            x: inputs [N, ...] on the model's device.
+            x: inputs [N, ...] on the model's device (a tensor, or a mapping or tuple of
+                tensors, see :meth:`~bayesify.core.BayesianModel.call_network`).
             num_samples: S.
             generator: source of the masks (torch's global RNG when ``None``).
 
@@ -266,65 +288,82 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
         with preserve_training_flags(self.model):
             self.model.eval()
             if not dropout:
-                out = self.model(x)
+                out = self.call_network(x)
                 return out.unsqueeze(0).expand(num_samples, *out.shape)
-            if self.fast_path and self._fast_ok and num_samples > 1:
+            if not (self.fast_path and num_samples > 1):
+                return self._sample_loop(x, num_samples, dropout, seeds)
+            reasons = []
+            for mode in _MODES[_MODES.index(self._fast_mode):-1]:
                 try:
-                    return self._sample_fast(x, num_samples, dropout, seeds)
-                except Exception as exc:  # any failure: the loop below is the reference
-                    reason = f"{type(exc).__name__}: {exc}"
-                # The loop raises the model's own error if it has one; otherwise the fast
-                # path is off for this model from now on, and that is said once.
-                outputs = self._sample_loop(x, num_samples, dropout, seeds)
-                self._fast_ok = False
-                warnings.warn(
-                    f"MC dropout fell back to one forward pass per sample ({reason}): the "
-                    "batched fast path needs a network that keeps rows apart after its "
-                    "first dropout. Pass fast_path=False to skip the attempt",
-                    BayesifyWarning, stacklevel=_user_stacklevel())
+                    outputs = self._sample_batched(x, num_samples, dropout, seeds, mode)
+                except Exception as exc:  # any failure: the next mode, the loop at last
+                    reasons.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                self._fast_mode = mode
                 return outputs
-            return self._sample_loop(x, num_samples, dropout, seeds)
+            # The loop raises the model's own error if it has one; otherwise the batched
+            # paths are off for this model from now on, and that is said once.
+            outputs = self._sample_loop(x, num_samples, dropout, seeds)
+            if self._fast_mode != "loop":
+                self._fast_mode = "loop"
+                warnings.warn(
+                    f"MC dropout fell back to one forward pass per sample ({reasons[-1]}): "
+                    "the batched paths need a network that keeps the rows of its batch "
+                    "apart. Pass fast_path=False to skip the attempt",
+                    BayesifyWarning, stacklevel=user_stacklevel())
+            return outputs
 
-    def _sample_loop(self, x: torch.Tensor, num_samples: int, dropout: list[nn.Module],
+    def _sample_loop(self, x: Any, num_samples: int, dropout: list[nn.Module],
                      seeds: list[int]) -> torch.Tensor:
         """The reference: one full forward pass per sample."""
-        sampler = DropoutSampler(dropout, _generators(seeds, x.device))
+        sampler = DropoutSampler(dropout, _generators(seeds, self.device))
         outputs = []
         with sampler.attached():
             for _ in range(num_samples):
-                sampler.arm(1, x.shape[0])
-                outputs.append(self.model(x))
+                sampler.arm(1, num_rows(x))
+                outputs.append(self.call_network(x))
                 if sampler.calls == 0:
                     return _identical(outputs[0], num_samples)
         return torch.stack(outputs)
 
-    def _sample_fast(self, x: torch.Tensor, num_samples: int, dropout: list[nn.Module],
-                     seeds: list[int]) -> torch.Tensor:
-        """The prefix once, then chunks of samples, folded or replicated."""
-        sampler = DropoutSampler(dropout, _generators(seeds, x.device))
-        prefix, suffix = split_at_first_dropout(self.model, dropout)
-        n = x.shape[0]
-        hidden = _run(prefix, x)  # holds no sampled dropout
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0:
+    def _sample_batched(self, x: Any, num_samples: int, dropout: list[nn.Module],
+                        seeds: list[int], mode: str) -> torch.Tensor:
+        """Chunks of samples in one call each: ``"split"`` runs the prefix once and
+        replicates (or folds) at the first dropout; ``"tiled"`` runs the whole network on
+        the inputs tiled once per sample of the chunk."""
+        sampler = DropoutSampler(dropout, _generators(seeds, self.device))
+        n = num_rows(x)
+        prefix, suffix = split_at_first_dropout(self.model, dropout) if mode == "split" \
+            else ([], [self.model])
+        hidden = _run(prefix, x) if prefix else x  # the prefix holds no sampled dropout
+        if prefix and (not isinstance(hidden, torch.Tensor) or hidden.dim() == 0):
             raise FastPathUnavailable("the part before the first dropout does not "
                                       "output a batched tensor")
-        rows = hidden.shape[0]
-        folded = foldable_dropout(suffix, hidden)  # before the sampler hooks the dropout
-        # Folded, a chunk's stacked weights [copies·out, in] have no more rows than its
-        # outputs [copies·rows, out], as out <= rows.
+        rows = hidden.shape[0] if prefix else n
+        # Before the sampler hooks the dropout. Folded, a chunk's stacked weights
+        # [copies·out, in] have no more rows than its outputs [copies·rows, out], as
+        # out <= rows; with nothing after the Linear those outputs are the result
+        # itself, and one chunk holds every sample.
+        folded = foldable_dropout(suffix, hidden) if isinstance(hidden, torch.Tensor) \
+            and mode == "split" else None
         per_chunk = max(1, self.max_batch_rows // max(1, rows))
+        if folded is not None and not folded[2]:
+            per_chunk = num_samples
         with sampler.attached():
             outputs = []
             for start in range(0, num_samples, per_chunk):
                 copies = min(per_chunk, num_samples - start)
-                sampler.arm(copies, rows)
-                if folded is None:
-                    out = _run(suffix, hidden)
-                else:
+                sampler.arm(copies, rows, tiled=mode == "tiled")
+                if folded is not None:
                     drop, linear, rest = folded
                     keep = sampler.take_first(drop, hidden.shape, hidden.dtype, hidden.device)
-                    out = _run(rest, masked_linear_samples(hidden, linear, keep,
-                                                           float(drop.p)))
+                    out = reduce_output(_run(rest, masked_linear_samples(
+                        hidden, linear, keep, float(drop.p))), self.output)
+                elif mode == "tiled":
+                    out = self.call_network(_tile(x, copies))
+                else:
+                    out = reduce_output(_run(suffix, hidden), self.output) if prefix \
+                        else self.call_network(x)
                 if sampler.calls == 0:
                     return _identical(out, num_samples)
                 got = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() else 0
@@ -335,19 +374,22 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def _tile(x: Any, copies: int) -> Any:
+    """Inputs repeated ``copies`` times along the batch axis, sample-major (row s·N + i
+    is copy s of input i); every tensor of a mapping or tuple is tiled."""
+    if isinstance(x, Mapping):
+        return {k: _tile(v, copies) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_tile(v, copies) for v in x)
+    if isinstance(x, torch.Tensor) and x.dim():
+        return x.repeat(copies, *([1] * (x.dim() - 1)))
+    return x
+
+
 def _identical(output: torch.Tensor, num_samples: int) -> torch.Tensor:
     warnings.warn("none of the model's dropout modules ran in its forward pass, so all MC "
-                  "dropout samples are identical", BayesifyWarning, stacklevel=_user_stacklevel())
+                  "dropout samples are identical", BayesifyWarning, stacklevel=user_stacklevel())
     return output.unsqueeze(0).expand(num_samples, *output.shape)
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` for a warning issued by the caller, pointing at the first frame
-    outside bayesify and torch (the user's line, however deep the call chain)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _warn_functional(functional: list[tuple[str, float]], inserted: list[str],
@@ -368,4 +410,4 @@ def _warn_functional(functional: list[tuple[str, float]], inserted: list[str],
     else:
         what = (f"Only the dropout modules ({', '.join(existing[:4])}) are sampled; set "
                 f"model.{attr} = 0, or use an nn.Dropout module for that dropout")
-    warnings.warn(head + what, BayesifyWarning, stacklevel=_user_stacklevel())
+    warnings.warn(head + what, BayesifyWarning, stacklevel=user_stacklevel())

@@ -265,7 +265,9 @@ class DropoutSampler:
     not depend on the order in which modules run. With ``copies`` = S > 1, the first
     dropout that runs replicates its input S times (its input must have ``rows`` rows);
     every later dropout must then see S·rows rows (S blocks, one mask each), otherwise
-    the samples would share masks and :class:`FastPathUnavailable` is raised.
+    the samples would share masks and :class:`FastPathUnavailable` is raised. Armed
+    ``tiled``, the inputs were tiled S times before the network ran, and the first
+    dropout too must see S·rows rows.
 
     Args:
         modules: the dropout modules to sample.
@@ -278,10 +280,13 @@ class DropoutSampler:
         self.copies = 1
         self.rows = 0
         self.calls = 0
+        self.tiled = False
 
-    def arm(self, copies: int, rows: int) -> None:
-        """Prepare the next forward: replicate ``rows`` rows ``copies`` times."""
-        self.copies, self.rows, self.calls = copies, rows, 0
+    def arm(self, copies: int, rows: int, *, tiled: bool = False) -> None:
+        """Prepare the next forward: replicate ``rows`` rows ``copies`` times at the
+        first dropout, or (``tiled``) expect inputs tiled ``copies`` times already, so
+        that every dropout sees ``copies`` blocks of ``rows`` rows."""
+        self.copies, self.rows, self.calls, self.tiled = copies, rows, 0, tiled
 
     def take_first(self, module: nn.Module, shape: torch.Size, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
@@ -300,11 +305,12 @@ class DropoutSampler:
         x = args[0]
         copies = groups = 1
         if self.copies > 1:
-            expected = self.rows if self.calls == 0 else self.copies * self.rows
+            first = self.calls == 0 and not self.tiled
+            expected = self.rows if first else self.copies * self.rows
             if x.shape[0] != expected:
                 raise FastPathUnavailable(
                     f"a dropout input has {x.shape[0]} rows where {expected} were expected")
-            if self.calls == 0:
+            if first:
                 copies = self.copies
             else:
                 groups = self.copies

@@ -61,12 +61,16 @@ from bayesify.errors import InputError
 from bayesify.optim.ivon_checks import (
     check_group,
     check_state_dict,
+    check_unscaled_in_block,
+    owned_state,
     restore_generators,
     stale_gradients,
 )
 from bayesify.optim.ivon_functional import (
     add_noise_,
+    add_to_pending,
     all_reduce_mean_,
+    amp_unscale_,
     buckets,
     flat_views,
     hessian_update,
@@ -113,9 +117,18 @@ class IVON(torch.optim.Optimizer):
         seed: seed of the noise generators (one draw of torch's global generator when
             ``None``).
 
-    State per parameter: ``momentum`` g, ``hess`` h and the ``step`` count t.
-    Parameters that get no gradient in a step keep their mean and state unchanged.
+    State per parameter: ``momentum`` g, ``hess`` h and the ``step`` count t, in float32
+    for bfloat16/float16 weights. Parameters that get no gradient in a step keep their
+    mean and state unchanged.
+
+    Mixed precision: ``torch.autocast`` works as for any optimizer. With a
+    ``torch.amp.GradScaler``, call ``scaler.scale(loss).backward()`` inside each block,
+    then ``scaler.step(optimizer)``: it unscales the collected statistics and skips the
+    step on inf/NaN (the scaler's, or in a sum over samples). ``scaler.unscale_`` (to
+    clip) belongs inside the block after ``backward``; after the block it raises.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -146,6 +159,7 @@ class IVON(torch.optim.Optimizer):
         self._active = False
         # Whether zero_grad() ran since the last sampled block (see sampled_params).
         self._zeroed = False
+        self._collected: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,6 +248,10 @@ class IVON(torch.optim.Optimizer):
                     with torch.no_grad():
                         for group, params, means in saved:
                             self._accumulate(group, params, means, stale)
+                    # The smallest collected gradient, to recognize a late unscale_.
+                    held = [p for p in self.params if p.grad is not None]
+                    small = min(held, key=torch.Tensor.numel) if held else None
+                    self._collected = None if small is None else (small, small.grad)
                 elif train:
                     self._discard_pending()
             except BaseException:
@@ -252,24 +270,10 @@ class IVON(torch.optim.Optimizer):
         """Add this sample's ĝ and ĝ⊙(θ − m) (or ĝ²) to the pending sums."""
         pairs = [(p, m) for p, m in zip(params, means, strict=True)
                  if p.grad is not None and id(p) not in stale]
-        if not pairs:
-            return
-        params, means = [p for p, _ in pairs], [m for _, m in pairs]
-        grads, second = sample_statistics(params, means, group["hess_approx"])
-        states = [self.state[p] for p in params]
-        pending = ["grad_sum" in s for s in states]
-        if all(pending):
-            torch._foreach_add_([s["grad_sum"] for s in states], grads)
-            torch._foreach_add_([s["hess_sum"] for s in states], second)
-        for s, g, h, seen in zip(states, grads, second, pending, strict=True):
-            if not seen:
-                s["grad_sum"], s["hess_sum"], s["count"] = g, h, 1
-            elif all(pending):
-                s["count"] += 1
-            else:   # some parameters got no gradient in an earlier sample of this step
-                s["grad_sum"].add_(g)
-                s["hess_sum"].add_(h)
-                s["count"] += 1
+        if pairs:
+            grads, second = sample_statistics([p for p, _ in pairs], [m for _, m in pairs],
+                                              group["hess_approx"])
+            add_to_pending([self.state[p] for p, _ in pairs], grads, second)
 
     def _discard_pending(self) -> None:
         """Drop the statistics collected for the next step (after a failed sample)."""
@@ -312,6 +316,8 @@ class IVON(torch.optim.Optimizer):
             raise InputError(
                 "step() found no sampled gradient: call backward() inside `with "
                 "optimizer.sampled_params(train=True):` first, or pass a closure")
+        if not self._unscale(work):
+            return loss
         for _, params in work:
             states = [self.state[p] for p in params]
             counts = [float(s.pop("count")) for s in states]
@@ -334,6 +340,22 @@ class IVON(torch.optim.Optimizer):
                 hess_approx=group["hess_approx"], clip_radius=group["clip_radius"],
                 rescale_lr=group["rescale_lr"])
         return loss
+
+    def _unscale(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> bool:
+        """Undo a GradScaler's loss scale (see :func:`amp_unscale_`); False, with the
+        pending sums dropped, when the step is to be skipped."""
+        scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        try:
+            if scale is None and found is not None:      # the user called unscale_
+                check_unscaled_in_block(self._collected, self.state)
+            ok = amp_unscale_([(g, [self.state[p] for p in params]) for g, params in work],
+                              scale, found)
+        except BaseException:
+            self._discard_pending()
+            raise
+        if not ok:
+            self._discard_pending()
+        return ok
 
     # ----------------------------------------------------------------- posterior
 
@@ -407,12 +429,7 @@ class IVON(torch.optim.Optimizer):
         # tensors; keep float32 state for low-precision weights, and own copies.
         index = dict(enumerate(self.params))
         for key, saved in state_dict["state"].items():
-            p = index[int(key)]
-            self.state[p] = {
-                name: value.to(device=p.device, dtype=state_dtype(p), copy=True)
-                if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-                for name, value in saved.items()
-            }
+            self.state[index[int(key)]] = owned_state(saved, index[int(key)])
         if "seed" in extra:
             self.seed = int(extra["seed"])
         self._generators = restore_generators(extra.get("generators", {}))

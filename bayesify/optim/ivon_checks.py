@@ -15,9 +15,10 @@ import torch
 
 from bayesify._validation import check_choice, check_positive_float
 from bayesify.errors import InputError
-from bayesify.optim.ivon_functional import HESS_APPROXES
+from bayesify.optim.ivon_functional import HESS_APPROXES, state_dtype
 
-__all__ = ["check_group", "check_state_dict", "restore_generators", "stale_gradients"]
+__all__ = ["check_group", "check_state_dict", "check_unscaled_in_block", "owned_state",
+           "restore_generators", "stale_gradients"]
 
 _ACCUMULATION_FIX = (
     "Each sampled_params(train=True) block is one Monte Carlo sample whose gradient must "
@@ -137,6 +138,41 @@ def stale_gradients(entry: list[tuple[torch.Tensor, weakref.ref, int]], *,
                 "p.grad was not zeroed since the previous sampled_params block (or step). "
                 + _ACCUMULATION_FIX)
     return stale
+
+
+def check_unscaled_in_block(collected: tuple[torch.Tensor, torch.Tensor] | None,
+                            state: dict[torch.Tensor, dict[str, Any]]) -> None:
+    """Raise unless a GradScaler's ``unscale_`` unscaled the gradients that IVON collected.
+
+    Args:
+        collected: a parameter and the gradient it held when its sampled block ended.
+        state: the optimizer's state (its pending ``grad_sum`` and ``count``).
+
+    Raises:
+        InputError: ``unscale_`` ran after the block (the gradient no longer equals the
+            collected one: one comparison on the device) or in one block of several.
+    """
+    p, grad = collected or (None, None)
+    pending = state.get(p, {}) if p is not None else {}
+    if p is None or p.grad is not grad or "grad_sum" not in pending:
+        return
+    if pending["count"] == 1 and torch.equal(grad.to(pending["grad_sum"].dtype),
+                                             pending["grad_sum"]):
+        return
+    raise InputError(
+        "scaler.unscale_(optimizer) must run inside the sampled block, right after "
+        "backward(), with one sample per step: it ran after the block, when IVON had "
+        "already collected the scaled gradients. Or leave the unscaling to "
+        "scaler.step(optimizer)")
+
+
+def owned_state(saved: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+    """A loaded parameter state as the optimizer keeps it: floating tensors copied onto
+    ``param``'s device, in float32 for bfloat16/float16 weights (else its dtype)."""
+    dtype = state_dtype(param)
+    return {name: value.to(device=param.device, dtype=dtype, copy=True)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for name, value in saved.items()}
 
 
 def restore_generators(states: dict[str, torch.Tensor]) -> dict[str, torch.Generator]:

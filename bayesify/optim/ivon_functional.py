@@ -28,7 +28,9 @@ import torch.distributed as dist
 __all__ = [
     "HESS_APPROXES",
     "add_noise_",
+    "add_to_pending",
     "all_reduce_mean_",
+    "amp_unscale_",
     "hessian_update",
     "ivon_mean_update",
     "ivon_update_",
@@ -239,6 +241,60 @@ def sample_statistics(params: list[torch.Tensor], means: list[torch.Tensor],
         torch._foreach_sub_(params, means)
         return grads, torch._foreach_mul(grads, as_dtype(params, dtype))
     return grads, torch._foreach_mul(grads, grads)
+
+
+def add_to_pending(states: list[dict[str, Any]], grads: list[torch.Tensor],
+                   second: list[torch.Tensor]) -> None:
+    """Add one sample's statistics (from :func:`sample_statistics`) to the sums
+    ``grad_sum``/``hess_sum`` and the ``count`` kept in each parameter's state dict."""
+    pending = ["grad_sum" in s for s in states]
+    if all(pending):
+        torch._foreach_add_([s["grad_sum"] for s in states], grads)
+        torch._foreach_add_([s["hess_sum"] for s in states], second)
+    for s, g, h, seen in zip(states, grads, second, pending, strict=True):
+        if not seen:
+            s["grad_sum"], s["hess_sum"], s["count"] = g, h, 1
+        elif all(pending):
+            s["count"] += 1
+        else:   # some parameters got no gradient in an earlier sample of this step
+            s["grad_sum"].add_(g)
+            s["hess_sum"].add_(h)
+            s["count"] += 1
+
+
+def amp_unscale_(work: list[tuple[dict[str, Any], list[dict[str, Any]]]],
+                 scale: torch.Tensor | None, found: torch.Tensor | None) -> bool:
+    """Undo a GradScaler's loss scale s on the pending sums of a step, in place.
+
+    ``torch.amp.GradScaler.step`` sets ``grad_scale`` (s) and ``found_inf`` (its count
+    of inf/NaN gradients) on an optimizer that declares ``_step_supports_amp_scaling``.
+    ĝ and ĝ⊙(θ − m) are divided by s, ĝ² (``"gradsq"``) by s².
+
+    Args:
+        work: ``(param group, [state dict per parameter])`` with pending sums.
+        scale, found: the scaler's tensors (``None`` without a scaler).
+
+    Returns:
+        False when the step must be skipped: the scaler found inf/NaN, or a sum over
+        several samples is not finite (one wait for the device for all of them).
+    """
+    if scale is None and found is None:
+        return True
+    grads = [s["grad_sum"] for _, states in work for s in states]
+    if scale is not None:
+        inverse = scale.double().reciprocal().to(grads[0].device, torch.float32)
+        for group, states in work:
+            second = [s["hess_sum"] for s in states]
+            torch._foreach_mul_([s["grad_sum"] for s in states], inverse)
+            for _ in range(2 if group["hess_approx"] == "gradsq" else 1):
+                torch._foreach_mul_(second, inverse)
+    if found is None:
+        return True
+    total = found.reshape(()).float()
+    for bucket in buckets(grads).values():
+        norms = torch.stack(torch._foreach_norm(bucket))
+        total = total + (~torch.isfinite(norms)).sum().to(total.device)
+    return not bool(total)
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:

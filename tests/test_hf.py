@@ -43,11 +43,11 @@ METHODS: dict[str, tuple[dict, dict, dict]] = {
     "ensemble": ({"members": 2, "base": "deterministic"}, ONE_EPOCH, {}),
     "swag": ({"rank": 2, "collect_every": 1}, ONE_EPOCH, {"num_samples": 3}),
     "laplace": ({}, {}, {}),            # post hoc: one pass over the data
-    # The lead adds "mc_dropout", "ivon", "vbll" and "gp" once they are ported.
+    "mc_dropout": ({}, ONE_EPOCH, {"num_samples": 3}),
+    "ivon": ({"recipe": "finetune"}, {"epochs": 1}, {"num_samples": 3}),
 }
-#: Methods that wrap a PEFT LoRA model (``deterministic`` checks the test itself; the
-#: lead adds "ivon" and "mc_dropout").
-LORA_METHODS = ["deterministic"]
+#: Methods that wrap a PEFT LoRA model (``deterministic`` checks the test itself).
+LORA_METHODS = ["deterministic", "ivon", "mc_dropout"]
 
 
 def _config(**extra):

@@ -139,8 +139,9 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
     #: Whether a freshly wrapped model can predict before ``fit`` (its weights are the
     #: posterior already, as for a pretrained deterministic classifier).
     fitted_at_init: ClassVar[bool] = False
-    #: Whether ``_posterior`` computes covariances jointly over the points of a block
-    #: (``posterior(x, joint=True)``); otherwise blocks are independent per point.
+    #: Whether ``_posterior`` takes ``blocks=(b, q)`` and then returns a posterior over
+    #: blocks (mean [b, q, K]) with covariances joint over each block's q points, for
+    #: ``posterior(x, joint=True)``; otherwise the blocks' points are independent.
     supports_joint: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | None, task: str, *, n_data: int | None = None):
@@ -230,7 +231,9 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
     def _posterior(self, x: torch.Tensor, num_samples: int | None,
                    generator: torch.Generator | None) -> Posterior:
         """The posterior over latent outputs at inputs x [N, ...] (already on the
-        model's device and dtype); with ``supports_joint``, x may be [b, q, ...]."""
+        model's device and dtype). Methods with ``supports_joint`` also take
+        ``blocks=(b, q)``: x then holds b·q points, and the posterior has mean
+        [b, q, K] with covariances joint within each block."""
 
     # -------------------------------------------------------------------- posterior
 
@@ -269,10 +272,13 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
             raise InputError("with joint=True, `x` must be blocks [b, q, ...] of q points, "
                              f"got shape {list(x.shape)}")
         with inputs_in_user_terms(self.model, x):
-            if not joint or self.supports_joint:
+            if not joint:
                 return self._posterior(x, num_samples, generator)
-            blocks = x.shape[:2]
-            flat = self._posterior(x.reshape(-1, *x.shape[2:]), num_samples, generator)
+            blocks = (int(x.shape[0]), int(x.shape[1]))
+            points = x.reshape(-1, *x.shape[2:])
+            if self.supports_joint:
+                return self._posterior(points, num_samples, generator, blocks=blocks)
+            flat = self._posterior(points, num_samples, generator)
         return reshape_points(flat, blocks)
 
     # ------------------------------------------------------------------ prediction

@@ -55,6 +55,8 @@ class MethodSettings:
     fit: dict[str, Any] = field(default_factory=lambda: {"epochs": 2})
     #: fit options that make a gradient-trained method diverge
     diverge: dict[str, Any] = field(default_factory=dict)
+    #: replaces ``fit`` for one task (a method fit in closed form for one task only)
+    fit_for: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _FAST: dict[str, MethodSettings] = {
@@ -65,7 +67,9 @@ _FAST: dict[str, MethodSettings] = {
     # At the default density 0.1 the suite's 16-wide MLP keeps about two active output
     # weights, often on dead ReLUs, so the output can be constant in x.
     "ssvi": MethodSettings(options={"density": 0.5}),
-    "gp": MethodSettings(options={"num_inducing": 8, "num_restarts": 1}),
+    # The exact GP (regression) is fit in closed form and refuses `epochs`.
+    "gp": MethodSettings(options={"num_inducing": 8, "num_restarts": 1},
+                         fit_for={"regression": {}}),
     "ensemble": MethodSettings(options={"members": 2}),
     "laplace": MethodSettings(fit={}),
 }
@@ -392,6 +396,7 @@ def check_method(
     settings = conformance_settings(name)
     if options is not None:
         settings.options = dict(options)
+    settings.fit = dict(settings.fit_for.get(task, settings.fit))
     if fit_options is not None:
         settings.fit = dict(fit_options)
     ctx = _Context(method, task, dtype, torch.device(device), settings,

@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 import bayesify as bf
-from bayesify.errors import InputError, JitterWarning, NotFittedError, NotPSDError
+from bayesify.errors import InputError, JitterWarning, NotFittedError
+from bayesify.fitting import CLOSED_FORM, FitOptions, GradientFit
 from bayesify.layers.gp import (
     ExactGPHead,
     VariationalGPHead,
-    cholesky_with_jitter,
     gaussian_multitask_likelihood,
     gpytorch,
 )
+from bayesify.report_settings import report_settings
 
 
 def _data(n: int = 40, dtype: torch.dtype = torch.float64, seed: int = 0):
@@ -200,17 +201,6 @@ def test_jitter_is_added_with_a_warning_when_the_noise_is_tiny():
     assert bool(torch.isfinite(pred.variance).all()) and bool((pred.variance >= 0).all())
 
 
-def test_cholesky_with_jitter_errors(dtype):
-    with pytest.raises(NotPSDError, match="NaN or infinite"):
-        cholesky_with_jitter(torch.tensor([[1.0, float("nan")], [0.0, 1.0]], dtype=dtype))
-    with pytest.raises(NotPSDError, match="not positive definite even with"):
-        cholesky_with_jitter(-torch.eye(3, dtype=dtype))
-    singular = torch.ones(3, 3, dtype=dtype)
-    with pytest.warns(JitterWarning, match="added"):
-        factor = cholesky_with_jitter(singular)
-    torch.testing.assert_close(factor @ factor.T, singular, atol=1e-4, rtol=0)
-
-
 def test_constant_outputs_and_dtype(dtype):
     X = torch.rand(12, 2, dtype=dtype)
     y = torch.full((12,), 3.0, dtype=dtype)
@@ -238,7 +228,7 @@ def test_save_and_load_round_trip(tmp_path, inference):
     X, y = _data(30)
     kwargs = {"inference": inference, "num_inducing": 8}
     bm = bf.bayesify(_net(), "gp", task="regression", **kwargs)
-    bm.fit((X, y), epochs=5, progress=False)
+    bm.fit((X, y), progress=False, **({"epochs": 5} if inference == "variational" else {}))
     bm.save(str(tmp_path / "gp.pt"))
     other = bf.bayesify(_net(), "gp", task="regression", **kwargs).load(str(tmp_path / "gp.pt"))
     torch.testing.assert_close(other.predict(X).mean, bm.predict(X).mean)
@@ -263,9 +253,9 @@ def test_bad_inputs():
 
 
 def test_exact_gp_on_many_points_suggests_the_sparse_gp(monkeypatch):
-    import bayesify.inference.gp as gp_module
+    import bayesify.inference._gp_fit as gp_module
 
-    monkeypatch.setattr(gp_module, "_EXACT_LIMIT", 10)
+    monkeypatch.setattr(gp_module, "EXACT_LIMIT", 10)
     X, y = _data(12)
     with pytest.warns(bf.BayesifyWarning, match="inference='variational' scales"):
         bf.bayesify(None, "gp", task="regression", num_restarts=1).fit((X, y))
@@ -273,7 +263,132 @@ def test_exact_gp_on_many_points_suggests_the_sparse_gp(monkeypatch):
 
 def test_report_settings_are_valid_options():
     for task in bf.TASKS:
-        settings = bf.get_method("gp").report_settings(task)
-        bf.bayesify(_net() if task == "regression" else nn.Linear(4, 3), "gp", task=task,
-                    **settings["options"])
+        settings = report_settings("gp", task)
+        bm = bf.bayesify(_net() if task == "regression" else nn.Linear(4, 3), "gp", task=task,
+                         **settings["options"])
+        bm.fit_strategy().check_options(bm, FitOptions(**settings["fit"]))
         assert math.isfinite(len(settings["fit"]))
+
+
+# ------------------------------------------------------- the method contract (issue 10)
+
+
+def test_fit_strategy_follows_inference_and_backbone():
+    X, y = _data(20)
+    frozen = bf.bayesify(_net(), "gp", task="regression", num_restarts=1)
+    assert frozen.fit_strategy() is CLOSED_FORM
+    with pytest.raises(InputError, match="`epochs` does not apply to method 'gp'"):
+        frozen.fit((X, y), epochs=5)
+    joint = bf.bayesify(_net(), "gp", task="regression", freeze_backbone=False)
+    assert isinstance(joint.fit_strategy(), GradientFit)
+    with pytest.raises(InputError, match="`batch_size`=5 does not apply to inference='exact'"):
+        joint.fit((X, y), batch_size=5, progress=False)
+    joint.fit((X, y), epochs=3, batch_size=20, progress=False, seed=0)
+    assert len(joint.history) == 3 and joint.gp.train_inputs.shape == (20, 8)
+    sparse = bf.bayesify(None, "gp", task="regression", inference="variational")
+    assert isinstance(sparse.fit_strategy(), GradientFit)
+
+
+def test_classification_labels_are_checked_against_the_class_count():
+    X = torch.rand(30, 4)
+    with pytest.raises(InputError, match=r"`y` must be < 3 \(the number of classes\), got 5"):
+        bf.bayesify(nn.Linear(4, 3), "gp", task="classification").fit(
+            (X, torch.arange(30) % 6), epochs=1, progress=False)
+    bm = bf.bayesify(None, "gp", task="classification", num_inducing=4, num_classes=2)
+    with pytest.raises(InputError, match="`y` must be < 2"):
+        bm.fit((X, torch.arange(30) % 3), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_frozen_backbone_keeps_batchnorm_statistics_and_outputs_bitwise(task):
+    torch.manual_seed(0)
+    out = 1 if task == "regression" else 3
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, out))
+    X, y = _data(40, dtype=torch.float32)
+    labels = (y > y.median()).long()
+    net(X)  # train mode: running statistics to keep
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.eval()
+    outputs = net(X)
+    net.train()
+    bm = bf.bayesify(net, "gp", task=task, num_inducing=8, num_restarts=1)
+    fit = {} if task == "regression" else {"epochs": 2, "progress": False}
+    bm.fit((X, y if task == "regression" else labels), seed=0, **fit)
+    bm.predict(X)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    net.eval()
+    assert torch.equal(net(X), outputs)
+
+
+def test_exact_joint_posterior_matches_the_marginals_and_is_differentiable(dtype):
+    X, y = _data(25, dtype=dtype)
+    bm = bf.bayesify(None, "gp", task="regression", num_restarts=1).to(dtype).fit((X, y))
+    assert all(t.dtype == dtype for t in [*bm.parameters(), *bm.buffers()]
+               if t.is_floating_point())
+    blocks = (torch.rand(2, 4, 3, dtype=dtype) * 4 - 2).requires_grad_()
+    joint = bm.posterior(blocks, joint=True)
+    assert joint.kind == "joint" and joint.covariance.shape == (2, 1, 4, 4)
+    marginal = bm.posterior(blocks.detach().reshape(8, 3))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(joint.mean.reshape(8, 1), marginal.mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(joint.variance.reshape(8, 1), marginal.variance, rtol=tol,
+                               atol=tol)
+    cov = joint.covariance.detach()
+    torch.testing.assert_close(cov, cov.transpose(-1, -2), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(joint.mean.sum() + joint.covariance.sum(), blocks)
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+    pred = bm.predict(blocks.detach().reshape(8, 3))
+    torch.testing.assert_close(pred.epistemic_variance, marginal.variance[:, 0].detach())
+    torch.testing.assert_close(pred.aleatoric_variance,
+                               (bm.gp.noise * bm.y_std**2).detach().expand(8))
+
+
+def test_classification_checkpoint_without_a_network(tmp_path):
+    X = torch.rand(40, 2)
+    labels = (X[:, 0] > 0.5).long() + (X[:, 1] > 0.5).long()
+    bm = bf.bayesify(None, "gp", task="classification", num_inducing=8)
+    bm.fit((X, labels), epochs=3, progress=False, seed=0)
+    posterior = bm.posterior(X[:5])
+    assert posterior.kind == "diagonal" and posterior.mean.shape == (5, 3)
+    bm.save(tmp_path / "gp.pt")
+    other = bf.bayesify(None, "gp", task="classification", num_inducing=8)
+    other.load(tmp_path / "gp.pt")
+    assert torch.equal(other.predict(X, seed=1).probs, bm.predict(X, seed=1).probs)
+    with pytest.raises(bf.CheckpointError, match="over 3 classes, but this model has 4"):
+        bf.bayesify(None, "gp", task="classification", num_classes=4).load(tmp_path / "gp.pt")
+
+
+def test_users_own_loop_trains_the_svgp_then_finish_fit_predicts():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 3
+    X = 3 * torch.eye(3, 4)[labels] + 0.5 * torch.randn(120, 4, generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    bm = bf.bayesify(net, "gp", task="classification", n_data=120, num_inducing=16)
+    optimizer = torch.optim.Adam(bm.parameters(), lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        bm.loss(X, labels).backward()
+        optimizer.step()
+    pred = bm.finish_fit().predict(X, seed=0)
+    assert float((pred.labels == labels).float().mean()) > 0.9
+    with pytest.raises(InputError, match=r"`y` must be < 3"):
+        bm.loss(X, labels + 1)
+    with pytest.raises(InputError, match=r"call \.fit\(train\) first"):
+        bf.bayesify(None, "gp", task="classification").loss(X, labels)
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    X, y = _data(20)
+    exact = bf.bayesify(None, "gp", task="regression", num_restarts=1).double().fit((X, y))
+    exact.save(tmp_path / "exact.pt")
+    sparse = bf.bayesify(None, "gp", task="regression", inference="variational",
+                         num_inducing=4).double()
+    sparse.fit((X, y), epochs=2, progress=False, seed=0)
+    before = {k: v.clone() for k, v in sparse.state_dict().items()}
+    with pytest.raises(bf.CheckpointError, match="does not match this model's structure"):
+        sparse.load(tmp_path / "exact.pt")
+    after = sparse.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

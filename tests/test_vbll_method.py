@@ -135,6 +135,12 @@ def test_users_own_loop_through_loss():
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     torch.testing.assert_close(bm(x, y), bm.loss(x, y))  # forward with y is the loss (DDP)
+    with pytest.raises(bf.NotFittedError, match="finish_fit"):
+        bm.predict(x)
+    bm.finish_fit()
+    pred = bm.predict(x, seed=0)
+    assert isinstance(pred, bf.CategoricalPredictive)
+    assert float((pred.labels == y).float().mean()) > 0.95
 
 
 # ----------------------------------------------------------------------- bad input

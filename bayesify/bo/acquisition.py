@@ -7,7 +7,6 @@ scores; ``propose`` turns it into candidates with BoTorch's acquisition function
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 from bayesify.bo.bridge import as_botorch_model, is_gaussian
 from bayesify.core import BayesianModel, bayesify
 from bayesify.errors import BayesifyWarning, InputError
+from bayesify.fitting import CLOSED_FORM
 
 __all__ = [
     "ACQUISITIONS",
@@ -67,13 +67,6 @@ def default_network(dim: int, width: int = 64, depth: int = 3) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _accepted(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(options)
-    return {k: v for k, v in options.items() if k in params}
-
-
 def fit_surrogate(surrogate: Surrogate, X: torch.Tensor, y: torch.Tensor, *, seed: int,
                   options: dict[str, Any] | None = None,
                   fit_options: dict[str, Any] | None = None) -> BayesianModel:
@@ -84,7 +77,8 @@ def fit_surrogate(surrogate: Surrogate, X: torch.Tensor, y: torch.Tensor, *, see
             (fitted here with ``fit_options`` if it comes back unfitted).
         seed: seeds the network's initialization and training.
         options: method options for ``bayesify(...)`` (names only).
-        fit_options: keyword arguments for ``fit`` (overriding the defaults).
+        fit_options: keyword arguments for ``fit`` (overriding the defaults; for a
+            post-hoc method such as ``laplace`` they train the network first).
     """
     options = dict(options or {})
     with torch.random.fork_rng():
@@ -101,14 +95,39 @@ def fit_surrogate(surrogate: Surrogate, X: torch.Tensor, y: torch.Tensor, *, see
             bm = bayesify(None, "gp", task="regression", **options).to(X.dtype)
             fit = dict(fit_options or {})
         else:
-            options = {**NETWORK_OPTIONS.get(surrogate, {}), **options}
-            net = default_network(X.shape[1], *NETWORK_SHAPE.get(surrogate, (64, 3)))
-            bm = bayesify(net.to(X), surrogate, task="regression", **options)
-            # NUTS (hmc) is configured through its options, not fit arguments.
-            trained = {} if surrogate == "hmc" else {**NETWORK_FIT, "batch_size": X.shape[0]}
-            fit = {**trained, **(fit_options or {})}
+            return _fit_network(surrogate, X, y, seed=seed, options=options,
+                                fit_options=dict(fit_options or {}))
         if not bm.is_fitted:
-            bm.fit((X, y), **_accepted(bm.fit, {**fit, "progress": False, "seed": seed}))
+            # Every method takes the same fit options; one that does not apply raises.
+            bm.fit((X, y), **{"progress": False, "seed": seed, **fit})
+    return bm
+
+
+def _fit_network(method: str, X: torch.Tensor, y: torch.Tensor, *, seed: int,
+                 options: dict[str, Any], fit_options: dict[str, Any]) -> BayesianModel:
+    """A fresh :func:`default_network` surrogate, trained the way its method is fit.
+
+    * gradient-trained methods: :data:`NETWORK_FIT`, full batch, updated by
+      ``fit_options``;
+    * post-hoc methods fit in closed form on a network (``laplace``): the network is
+      first trained as ``"deterministic"`` (θ_MAP) with that recipe, then wrapped and
+      fit;
+    * MCMC (``hmc``): configured through its options, with ``fit_options`` as given.
+    """
+    options = {**NETWORK_OPTIONS.get(method, {}), **options}
+    net = default_network(X.shape[1], *NETWORK_SHAPE.get(method, (64, 3))).to(X)
+    bm = bayesify(net, method, task="regression", **options)
+    strategy = bm.fit_strategy()
+    run = {"progress": False, "seed": seed}
+    recipe = {**NETWORK_FIT, "batch_size": X.shape[0], **fit_options}
+    if "epochs" in strategy.applies:
+        bm.fit((X, y), **run, **recipe)
+    elif strategy is CLOSED_FORM:
+        bayesify(net, "deterministic", task="regression").fit((X, y), **run, **recipe)
+        bm = bayesify(net, method, task="regression", **options)
+        bm.fit((X, y), **run)
+    else:
+        bm.fit((X, y), **run, **fit_options)
     return bm
 
 

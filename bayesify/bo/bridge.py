@@ -1,23 +1,20 @@
-"""Any regression BayesianModel as a BoTorch ``Model``.
+"""Any regression BayesianModel as a BoTorch ``Model``, through its public posterior.
 
-Two shapes of posterior cover every method, chosen by what the method predicts:
+The bridge calls ``bm.posterior(X, joint=True, generator=...)`` on blocks [b, q, d] and
+reads the noise off ``bm.likelihood``; the posterior family decides the BoTorch one:
 
-* closed-form methods (``gp``, ``vbll``: a GaussianPredictive) give a joint
-  ``MultivariateNormal`` over the q points of each batch, through the method's
-  ``_joint_posterior(x)`` hook when it has one (full q × q covariance) and its
-  ``_predict_batch`` otherwise (diagonal covariance);
-* sampling methods (``mc_dropout``, ``ivon``, ``vi``, ``ssvi``, ``hmc``: a
-  MixturePredictive) give an ``EnsemblePosterior``: S posterior draws evaluated with a
-  generator re-seeded on every
-  call, so the ensemble members are fixed functions of X during one acquisition
-  optimization (``resample()`` moves to fresh draws for the next step).
+* a :class:`~bayesify.posterior.GaussianPosterior` (``gp``, ``vbll``, ``deterministic``)
+  becomes a joint ``MultivariateNormal`` over the q points of each block: the full
+  q × q covariance where the method computes it (exact GP, VBLL), diagonal otherwise;
+* a :class:`~bayesify.posterior.SampledPosterior` (``mc_dropout``, ``ivon``, ``vi``,
+  ``ssvi``, ``hmc``) becomes an ``EnsemblePosterior`` of its S draws. The draws come
+  from a generator re-seeded on every call, so the ensemble members are fixed
+  functions of X during one acquisition optimization (``resample()`` moves to fresh
+  draws for the next step).
 
 Both posteriors are in the model's output units, of the latent function (add the
 observation noise with ``observation_noise=True`` for the Gaussian bridge), and
 differentiable in X, so BoTorch's gradient-based ``optimize_acqf`` works.
-
-A method adds the hook as ``_joint_posterior(x [B, q, ...]) -> (mean [B, q, D],
-covariance [B, D, q, q], noise variance [D] or [B, q, D])``, differentiable in x.
 """
 
 from __future__ import annotations
@@ -35,7 +32,8 @@ from linear_operator import to_linear_operator
 
 from bayesify.core import BayesianModel, preserve_training_flags
 from bayesify.errors import InputError, NotFittedError
-from bayesify.predictive import GaussianPredictive, MixturePredictive
+from bayesify.likelihoods import GaussianLikelihood
+from bayesify.posterior import GaussianPosterior, SampledPosterior
 
 __all__ = ["BayesianModelBridge", "as_botorch_model", "is_gaussian"]
 
@@ -49,6 +47,10 @@ def _check_model(bm: Any) -> BayesianModel:
     if not bm.is_fitted:
         raise NotFittedError(f"this {type(bm).__name__} is not fitted yet; call .fit(train) "
                              "before as_botorch_model()")
+    if not isinstance(bm.likelihood, GaussianLikelihood):
+        raise InputError(f"`bm` must have a Gaussian likelihood (bm.likelihood a "
+                         f"GaussianLikelihood) for a BoTorch posterior; method "
+                         f"{bm.method_name!r} has {type(bm.likelihood).__name__}")
     return bm
 
 
@@ -59,11 +61,6 @@ def _flatten(X: torch.Tensor, dtype: torch.dtype, device: torch.device
         raise InputError(f"`X` must have shape [..., q, d], got {list(X.shape)}")
     batch = X.shape[:-2]
     return X.reshape(-1, *X.shape[-2:]).to(device=device, dtype=dtype), batch
-
-
-def _as_columns(t: torch.Tensor) -> torch.Tensor:
-    """[N] -> [N, 1]; [N, D] unchanged."""
-    return t[..., None] if t.dim() == 1 else t
 
 
 class BayesianModelBridge(Model):
@@ -78,7 +75,8 @@ class BayesianModelBridge(Model):
             acquisition optimization. :meth:`resample` moves to fresh ones.
 
     The posterior at X [..., q, d] is a ``GPyTorchPosterior`` (joint MVN) for a
-    Gaussian predictive and an ``EnsemblePosterior`` for a mixture predictive.
+    Gaussian posterior and an ``EnsemblePosterior`` of values [..., S, q, m] for a
+    sampled one.
     """
 
     def __init__(self, bm: BayesianModel, num_samples: int | None = None, seed: int = 0):
@@ -101,54 +99,46 @@ class BayesianModelBridge(Model):
         """Move to fresh ensemble members (the next seed, or ``seed``)."""
         self.seed = self.seed + 1 if seed is None else int(seed)
 
-    def _predict(self, x: torch.Tensor) -> Any:
-        """The method's output for x [B, q, ...]: a joint tuple or a Predictive."""
-        batch, q = x.shape[:2]
+    def _posterior(self, x: torch.Tensor) -> GaussianPosterior | SampledPosterior:
+        """The method's posterior over the blocks x [b, q, d] (differentiable in x),
+        with fresh draws from this bridge's seed for a sampling method."""
+        generator = torch.Generator(device=self._device).manual_seed(self.seed)
         with preserve_training_flags(self.bm):
             self.bm.eval()
-            if hasattr(self.bm, "_joint_posterior"):
-                return self.bm._joint_posterior(x)
-            generator = torch.Generator(device=self._device).manual_seed(self.seed)
-            return self.bm._predict_batch(x.reshape(batch * q, *x.shape[2:]),
-                                          self.num_samples or self.bm.default_num_samples,
-                                          generator)
+            return self.bm.posterior(x, joint=True, generator=generator,
+                                     num_samples=self.num_samples)
 
     def posterior(self, X: torch.Tensor, output_indices: list[int] | None = None,
                   observation_noise: bool | torch.Tensor = False,
                   posterior_transform: Any = None, **kwargs: Any) -> Posterior:
         """Posterior over the q points of X [..., q, d], in the model's output units.
 
-        ``observation_noise=True`` adds the method's aleatoric variance to the Gaussian
+        ``observation_noise=True`` adds the likelihood's noise variance to the Gaussian
         posterior (a tensor gives the noise variances [..., q, m] to add); ensemble
         posteriors are over the latent function only, as BoTorch's EnsembleModel.
         """
         x, batch = _flatten(X, self._dtype, self._device)
-        b, q = x.shape[:2]
-        out = self._predict(x)
-        if isinstance(out, MixturePredictive):
-            means = _as_columns_last(out.means)  # [S, b*q, m]
-            values = means.reshape(means.shape[0], b, q, -1).transpose(0, 1)
+        posterior = self._posterior(x)
+        split = self.bm.likelihood.split
+        if isinstance(posterior, SampledPosterior):
+            means, _ = split(posterior.samples)  # [S, b, q, m]
+            values = means.transpose(0, 1)  # [b, S, q, m]
             if output_indices is not None:
                 values = values[..., output_indices]
             self._num_outputs = values.shape[-1]
             values = values.to(X.dtype).reshape(*batch, *values.shape[1:])
-            posterior = EnsemblePosterior(values)
-        else:
-            if isinstance(out, GaussianPredictive):
-                mean = _as_columns(out.mean).reshape(b, q, -1)
+            result: Posterior = EnsemblePosterior(values)
+        elif isinstance(posterior, GaussianPosterior):
+            mean, noise = split(posterior.mean)  # [b, q, m] each
+            m = mean.shape[-1]
+            if posterior.kind == "joint":
+                cov = posterior.covariance[..., :m, :, :]
+            else:
                 # GPyTorch's floor on variances (it warns below it): a method with no
                 # epistemic variance (deterministic) gets a zero-width posterior.
-                floor = gpytorch_settings.min_variance.value(out.mean.dtype)
-                var = _as_columns(out.epistemic_variance).clamp_min(floor).reshape(b, q, -1)
-                noise = _as_columns(out.aleatoric_variance).reshape(b, q, -1)
-                cov = torch.diag_embed(var.transpose(-1, -2))
-            elif isinstance(out, tuple):
-                mean, cov, noise = out
-                noise = noise.expand_as(mean)
-            else:
-                raise InputError(f"{type(self.bm).__name__} predicts "
-                                 f"{type(out).__name__}; the bridge needs a Gaussian or "
-                                 "mixture regression predictive")
+                floor = gpytorch_settings.min_variance.value(mean.dtype)
+                var = posterior.variance[..., :m].clamp_min(floor)
+                cov = torch.diag_embed(var.transpose(-1, -2))  # [b, m, q, q]
             if isinstance(observation_noise, torch.Tensor):
                 noise = observation_noise.reshape(mean.shape).to(mean)
                 observation_noise = True
@@ -157,15 +147,14 @@ class BayesianModelBridge(Model):
             if output_indices is not None:
                 mean, cov = mean[..., output_indices], cov[:, output_indices]
             self._num_outputs = mean.shape[-1]
-            mean = mean.to(X.dtype).reshape(*batch, q, -1)
+            mean = mean.to(X.dtype).reshape(*batch, *mean.shape[1:])
             cov = cov.to(X.dtype).reshape(*batch, *cov.shape[1:])
-            posterior = GPyTorchPosterior(_mvn(mean, cov))
-        return posterior if posterior_transform is None else posterior_transform(posterior)
-
-
-def _as_columns_last(means: torch.Tensor) -> torch.Tensor:
-    """Mixture means [S, N] -> [S, N, 1]; [S, N, D] unchanged."""
-    return means[..., None] if means.dim() == 2 else means
+            result = GPyTorchPosterior(_mvn(mean, cov))
+        else:
+            raise InputError(f"{type(self.bm).__name__}.posterior returned a "
+                             f"{type(posterior).__name__}; the bridge needs a Gaussian or "
+                             "sampled posterior")
+        return result if posterior_transform is None else posterior_transform(result)
 
 
 def _mvn(mean: torch.Tensor, cov: torch.Tensor) -> MultivariateNormal:
@@ -190,7 +179,7 @@ def as_botorch_model(bm: BayesianModel, *, num_samples: int | None = None,
 
     Returns:
         A :class:`BayesianModelBridge`: its posterior at X [..., q, d] is a joint MVN
-        for closed-form methods (full covariance through ``_joint_posterior``, else
+        for Gaussian posteriors (full q × q covariance where the method has it, else
         diagonal) and an ensemble of S fixed draws for sampling methods, over the
         latent function in the model's output units, differentiable in X.
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from bayesify._progress import progress_bar
 from bayesify._validation import as_tensor, check_choice, check_positive_int
 from bayesify.bo.acquisition import ACQUISITIONS, Surrogate, fit_surrogate, propose
 from bayesify.core import available_methods
@@ -88,7 +88,8 @@ class BayesianOptimization:
         fit_options: keyword arguments for the surrogate's ``fit``.
         acquisition_options: ``beta`` (UCB), ``num_restarts``, ``raw_samples``
             (``optimize_acqf``) and ``num_candidates`` (Thompson sampling).
-        progress: show a progress bar in :meth:`run`.
+        progress: show a progress bar in :meth:`run` (default: unless switched off
+            globally, see ``bayesify.set_progress_bars`` and ``TQDM_DISABLE``).
     """
 
     def __init__(self, objective: Callable[[torch.Tensor], Any] | None, bounds: Any,
@@ -96,7 +97,8 @@ class BayesianOptimization:
                  n_init: int | None = None, batch_size: int = 1, maximize: bool = False,
                  seed: int | None = None, *, surrogate_options: dict[str, Any] | None = None,
                  fit_options: dict[str, Any] | None = None,
-                 acquisition_options: dict[str, Any] | None = None, progress: bool = True):
+                 acquisition_options: dict[str, Any] | None = None,
+                 progress: bool | None = None):
         if objective is not None and not callable(objective):
             raise InputError(f"`objective` must be callable or None, got "
                              f"{type(objective).__name__}")
@@ -240,8 +242,8 @@ class BayesianOptimization:
         if len(self._y) < self.n_init:
             X = self.ask()
             self._record(X, *self._evaluate(X))
-        bar = tqdm(range(n_iterations), desc=f"BO {self._surrogate_name()}",
-                   disable=not self.progress, leave=False)
+        bar = progress_bar(range(n_iterations), desc=f"BO {self._surrogate_name()}",
+                           progress=self.progress)
         for _ in bar:
             X = self.ask()
             self._record(X, *self._evaluate(X))

@@ -5,96 +5,66 @@ features), or on the inputs themselves when ``model`` is ``None`` (a plain GP).
 Features are scaled to the unit cube (from ``input_bounds`` or the training range)
 and regression targets are standardized, as BoTorch's ``SingleTaskGP`` does.
 
-* ``inference="exact"`` (regression, the default there): closed-form posterior;
-  hyperparameters by L-BFGS-B on the marginal likelihood plus BoTorch's priors, from
-  the prior modes and ``num_restarts − 1`` prior draws, keeping the best.
-* ``inference="variational"`` (classification, the default there; large N): a
-  whitened SVGP with ``num_inducing`` inducing points trained on minibatches by the
-  ELBO with num_data = N; softmax likelihood for classes.
+* ``inference="exact"`` (regression default): closed-form posterior. On fixed features
+  ``fit`` is closed form: L-BFGS-B on the marginal likelihood plus BoTorch's priors
+  from ``num_restarts`` starts (:mod:`bayesify.inference._gp_fit`).
+* ``inference="variational"`` (classification default; large N): a whitened SVGP with
+  ``num_inducing`` inducing points, trained on minibatches by the ELBO.
 
-With ``freeze_backbone=False`` the network is trained jointly with the GP (full-batch
-Adam for exact inference); use weight decay and few epochs, as the marginal
-likelihood over many weights overfits (Wilson et al., 2016).
+With ``freeze_backbone=False`` the network trains jointly with the GP in the gradient
+loop (full-batch Adam for exact inference); use weight decay and few epochs, as the
+marginal likelihood over many weights overfits (Wilson et al., 2016). A frozen
+backbone always runs in eval mode: BatchNorm statistics are used, never updated.
+
+``posterior(x)`` is Gaussian over the latent functions: in the targets' units for
+regression (joint over the points of a block for exact inference, as BoTorch's
+acquisitions use), over the C logits for classification (Monte Carlo to probabilities).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import warnings
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
-from tqdm.auto import tqdm
 
-from bayesify._batching import make_train_batches
 from bayesify._validation import (
-    as_tensor,
     check_choice,
+    check_labels,
     check_positive_float,
     check_positive_int,
 )
+from bayesify.checkpoint import mark_dynamic
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
-from bayesify.errors import BayesifyWarning, InputError, NotPSDError
-from bayesify.inference._heads import find_head
+from bayesify.errors import CheckpointError, InputError, NotPSDError
+from bayesify.fitting import CLOSED_FORM, FitStrategy, NonFiniteStep
+from bayesify.inference._gp_fit import (
+    check_input_bounds,
+    first_rows,
+    fit_exact_hyperparameters,
+    standardizer,
+    unit_cube_affine,
+    whole_training_set,
+)
+from bayesify.inference._heads import find_head, run_to_head
 from bayesify.layers.gp import (
+    GPYTORCH_FACTORIZATION_ERRORS,
     KERNELS,
     ExactGPHead,
     VariationalGPHead,
-    gaussian_multitask_likelihood,
     gpytorch,
+    variational_gp,
 )
-from bayesify.predictive import CategoricalPredictive, GaussianPredictive, Predictive
+from bayesify.likelihoods import CategoricalLikelihood, GaussianLikelihood, regression_targets
+from bayesify.posterior import GaussianPosterior
 
 __all__ = ["GPModel"]
 
 _INFERENCE = ("exact", "variational")
-_DEFAULT_CLASS_SAMPLES = 64
-_EXACT_LIMIT = 5000  # beyond this many points, suggest the sparse GP
-
-
-def _unit_cube_affine(z: torch.Tensor, bounds: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lower [d], range [d]) mapping z to [0, 1]^d; constant columns get range 1."""
-    lower, upper = (z.min(0).values, z.max(0).values) if bounds is None else bounds
-    span = upper - lower
-    return lower, torch.where(span > 1e-12, span, torch.ones_like(span))
-
-
-def _standardizer(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [D], std [D]) of targets y [N, D]; constant outputs get std 1."""
-    mean = y.mean(0)
-    std = y.std(0) if y.shape[0] > 1 else torch.ones_like(mean)
-    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
-
-
-def _lbfgsb(params: list[nn.Parameter], lower: list[float], objective: Any,
-            max_iter: int) -> float:
-    """Minimize ``objective()`` over ``params`` with SciPy's L-BFGS-B; returns the value."""
-    sizes = [p.numel() for p in params]
-    bounds = [(low, None) for p, low in zip(params, lower, strict=True)
-              for _ in range(p.numel())]
-
-    def assign(flat: np.ndarray) -> None:
-        with torch.no_grad():
-            for p, chunk in zip(params, np.split(flat, np.cumsum(sizes)[:-1]), strict=True):
-                p.copy_(torch.from_numpy(chunk).reshape(p.shape))
-
-    def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        assign(flat)
-        value = objective()
-        grads = torch.autograd.grad(value, params)
-        flat_grad = torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
-        return float(value.detach()), flat_grad
-
-    start = torch.cat([p.detach().reshape(-1) for p in params]).double().cpu().numpy()
-    result = minimize(fun, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                      options={"maxiter": max_iter})
-    assign(result.x)
-    return float(result.fun)
+_CLASS_SAMPLES = 64  # logit draws of the classification predictive
+_SETUP_ROWS = 10_000  # rows that set the scaling and inducing points of the SVGP
+_ALL_ROWS = 1 << 62
+_INDUCING = "gp.variational_strategy.base_variational_strategy.inducing_points"
 
 
 @register_method("gp")
@@ -107,7 +77,7 @@ class GPModel(BayesianModel):
         inference: ``"exact"`` (regression only) or ``"variational"``; defaults to
             exact for regression, variational for classification.
         num_inducing: M, inducing points of the variational GP.
-        freeze_backbone: keep the network's weights fixed (train only the GP).
+        freeze_backbone: keep the network fixed, in eval mode (train only the GP).
         kernel: ``"rbf"`` (BoTorch's default) or ``"matern"`` (Matérn 5/2).
         ard: one lengthscale per feature (default); ``False`` shares one, much faster
             to fit on wide network features.
@@ -115,17 +85,24 @@ class GPModel(BayesianModel):
             standardized target units (exact inference).
         input_bounds: [2, d] lower/upper bounds of the features for the unit-cube
             scaling (the training range when ``None``).
-        num_restarts: L-BFGS-B starts of the exact GP's hyperparameter fit: the prior
-            modes, then prior draws; the best marginal likelihood wins (further draws,
-            up to 5 starts, only when every start failed).
+        num_restarts: L-BFGS-B starts of the exact GP's hyperparameter fit (prior modes,
+            then prior draws; the best wins; up to 5 when every start fails).
         num_classes: C for classification when the model cannot tell.
         head: name of the layer whose input are the features (default: the last Linear).
         n_data: N for the ELBO's scaling (the training-set size when ``None``).
+
+    ``fit`` options: exact inference with a frozen backbone takes only ``seed`` and
+    ``progress`` (a closed-form fit); otherwise the gradient loop's options apply,
+    with 100 full-batch epochs for exact inference (``batch_size`` does not apply)
+    and 50 minibatch epochs of 256 rows for the SVGP, AdamW at lr 0.01.
     """
 
     default_epochs = 50
     default_lr = 0.01
     default_batch_size = 256
+    #: Full-batch Adam steps of an exact GP trained with its backbone.
+    default_exact_epochs = 100
+    supports_joint = True
 
     def __init__(self, model: nn.Module | None, task: str, *, inference: str | None = None,
                  num_inducing: int = 128, freeze_backbone: bool = True, kernel: str = "rbf",
@@ -147,306 +124,276 @@ class GPModel(BayesianModel):
         self.num_restarts = check_positive_int(num_restarts, "num_restarts")
         self.num_classes = None if num_classes is None else check_positive_int(
             num_classes, "num_classes", minimum=2)
-        self._head_module: nn.Linear | None = None
+        self.head_name: str | None = None
+        linear = None
         if model is not None and not isinstance(model, nn.Identity):
-            _, self._head_module = find_head(model, head)
+            self.head_name, linear = find_head(model, head)
             if task == "classification" and self.num_classes is None:
-                self.num_classes = self._head_module.out_features
-        self._input_bounds = None
-        if input_bounds is not None:
-            bounds = as_tensor(input_bounds, "input_bounds", dtype=torch.float64, ndim=2)
-            if bounds.shape[0] != 2 or bool((bounds[1] <= bounds[0]).any()):
-                raise InputError("`input_bounds` must be [2, d] with lower < upper, got "
-                                 f"shape {list(bounds.shape)}")
-            self._input_bounds = bounds
+                self.num_classes = linear.out_features
+        self._input_bounds = check_input_bounds(input_bounds)
+        #: The GP head and its GPyTorch likelihood (variational), built by ``fit``.
         self.gp: ExactGPHead | VariationalGPHead | None = None
-        self.likelihood: gpytorch.likelihoods.Likelihood | None = None
+        self.gp_likelihood: gpytorch.likelihoods.Likelihood | None = None
+        factory = {"dtype": self.dtype, "device": self.device}
         for name in ("feature_lower", "feature_range", "y_mean", "y_std"):
-            self.register_buffer(name, torch.zeros(0))
-
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        # The report's features are 128 wide: one shared lengthscale fits in a fraction
-        # of the time of 128 ARD ones, at the same accuracy there.
+            self.register_buffer(name, torch.zeros(0, **factory))
+        mark_dynamic(self, "feature_lower", "feature_range", "y_mean", "y_std")
+        self._fit_inputs: torch.Tensor | None = None  # exact GP in the gradient loop
         if task == "regression":
-            return {"options": {"inference": "exact", "ard": False, "num_restarts": 1},
-                    "fit": {}}
-        return {"options": {"inference": "variational", "num_inducing": 32, "ard": False},
-                "fit": {"epochs": 8, "lr": 0.05, "batch_size": 256}}
+            self.likelihood = GaussianLikelihood(self._split_noise)
+        else:
+            self.likelihood = CategoricalLikelihood(num_samples=_CLASS_SAMPLES)
+        if self.inference == "variational" and linear is not None:
+            self._initial_svgp(linear)
+
+    def _initial_svgp(self, linear: nn.Linear) -> None:
+        """An SVGP on unscaled features, so users' own loops (``loss``, ``finish_fit``)
+        have parameters to train; ``fit`` rebuilds it from the training data."""
+        generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+        inducing = torch.rand(min(self.num_inducing, 64), linear.in_features,
+                              generator=generator, dtype=torch.float64)
+        latents = self.num_classes if self.task == "classification" else linear.out_features
+        self.gp, self.gp_likelihood = variational_gp(
+            inducing.to(dtype=self.dtype, device=self.device), latents,
+            classification=self.task == "classification", kernel=self.kernel, ard=self.ard)
+        if self.task == "regression":
+            self.y_mean = torch.zeros(latents, dtype=self.dtype, device=self.device)
+            self.y_std = torch.ones(latents, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ features
 
+    def _backbone_params(self) -> list[nn.Parameter]:
+        frozen = self.model is None or self.freeze_backbone
+        return [] if frozen else [p for p in self.model.parameters() if p.requires_grad]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-cube features [N, d] of inputs x [N, ...] (differentiable in x)."""
-        if self._head_module is None:
-            z = x.reshape(x.shape[0], -1) if self.model is None else self.model(x)
-            z = z.reshape(z.shape[0], -1)
+        if self.model is None:
+            z = x
+        elif self.head_name is None:
+            z = self.model(x)
         else:
-            captured: list[torch.Tensor] = []
-            hook = self._head_module.register_forward_hook(
-                lambda module, inputs, output: captured.append(inputs[0]))
-            try:
-                self.model(x)
-            finally:
-                hook.remove()
-            z = captured[-1].reshape(x.shape[0], -1)
+            frozen = not self._backbone_params()
+            z = run_to_head(self.model, self.head_name, x, frozen=frozen).features
+        z = z.reshape(z.shape[0], -1)
         if self.feature_lower.numel():
             z = (z - self.feature_lower) / self.feature_range
         return z
 
-    def _backbone_params(self) -> list[nn.Parameter]:
-        if self.model is None or self.freeze_backbone:
-            return []
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def _setup(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaling of features and targets from (a sample of) the training data."""
+        """Set the scaling of features and targets from (a sample of) the training data
+        x [n, ...], y [n] / [n, D] (labels for classification); returns the scaled
+        features [n, d] and the (standardized) targets."""
         self.feature_lower = torch.zeros(0, dtype=self.dtype, device=self.device)
         with torch.no_grad(), preserve_training_flags(self):
             self.eval()
             z = self.features(x)
-        bounds = None if self._input_bounds is None else self._input_bounds.to(z)
-        if bounds is not None and bounds.shape[1] != z.shape[1]:
-            raise InputError(f"`input_bounds` has {bounds.shape[1]} columns but the features "
-                             f"have {z.shape[1]}")
-        self.feature_lower, self.feature_range = _unit_cube_affine(z, bounds)
+        self.feature_lower, self.feature_range = unit_cube_affine(z, self._input_bounds)
         z = (z - self.feature_lower) / self.feature_range
         if self.task == "regression":
             y = y[:, None] if y.dim() == 1 else y
-            self.y_mean, self.y_std = _standardizer(y)
+            self.y_mean, self.y_std = standardizer(y)
             y = (y - self.y_mean) / self.y_std
         return z, y
 
+    def _require_gp(self) -> None:
+        if self.gp is None:
+            raise InputError("the GP is built from the training data (its feature width "
+                             "is unknown without a network head); call .fit(train) first")
+
+    def _num_latents(self) -> int | None:
+        """C for classification: the option, the head's width, or the fitted head's."""
+        if self.num_classes is not None:
+            return self.num_classes
+        return None if self.gp is None else int(self.gp.num_latents)
+
+    def _standardize(self, y: torch.Tensor) -> torch.Tensor:
+        return (regression_targets(y, int(self.y_mean.shape[0])) - self.y_mean) / self.y_std
+
     # ------------------------------------------------------------------- fitting
 
-    def fit(self, train: Any, *, epochs: int | None = None, lr: float | None = None,
-            batch_size: int | None = None, weight_decay: float = 0.0,
-            optimizer: torch.optim.Optimizer | None = None, grad_clip: float | None = None,
-            progress: bool = True, seed: int | None = None) -> GPModel:
-        """Fit the GP (see the class docstring for what each inference does).
+    def fit_strategy(self) -> FitStrategy:
+        """Closed form (L-BFGS-B) for an exact GP on fixed features, else the
+        gradient loop."""
+        if self.inference == "exact" and not self._backbone_params():
+            return CLOSED_FORM
+        return super().fit_strategy()
 
-        For exact inference with a frozen backbone and no ``optimizer``, the
-        hyperparameters are fit by L-BFGS-B and ``epochs``/``lr``/``batch_size`` are
-        unused; otherwise ``epochs`` counts full-batch Adam steps (exact) or
-        minibatch epochs (variational).
-        """
-        if self.inference == "variational":
-            return super().fit(train, epochs=epochs, lr=lr, batch_size=batch_size,
-                               weight_decay=weight_decay, optimizer=optimizer,
-                               grad_clip=grad_clip, progress=progress, seed=seed)
-        batches = make_train_batches(train, task=self.task, dtype=self.dtype,
-                                     device=self.device, batch_size=1 << 62, shuffle=False)
-        pairs = list(batches)
-        if not pairs:
-            raise InputError("`train` is empty; pass at least one training example")
-        x = torch.cat([p[0] for p in pairs])
-        y = torch.cat([p[1] for p in pairs])
-        self.n_data = self.n_data or int(x.shape[0])
-        if x.shape[0] > _EXACT_LIMIT:
-            warnings.warn(f"an exact GP on {x.shape[0]} points costs O(N³) time and O(N²) "
-                          "memory; inference='variational' scales to large N",
-                          BayesifyWarning, stacklevel=2)
+    def fit_defaults(self) -> dict[str, Any]:
+        defaults = super().fit_defaults()
+        if self.inference == "exact":
+            defaults.update(epochs=self.default_exact_epochs, batch_size=None)
+        return defaults
+
+    def training_batches(self, train: Any, *, batch_size: int | None,
+                         generator: torch.Generator | None, shuffle: bool = True) -> Any:
+        """Minibatches for the SVGP; one batch of the whole training set for an exact
+        GP, whose marginal likelihood couples all points."""
+        if self.inference != "exact":
+            return super().training_batches(train, batch_size=batch_size,
+                                            generator=generator, shuffle=shuffle)
+        return whole_training_set(super().training_batches(
+            train, batch_size=_ALL_ROWS, generator=None, shuffle=False), batch_size)
+
+    def _exact_head(self, dim: int, num_outputs: int) -> ExactGPHead:
+        return ExactGPHead(dim, num_outputs, kernel=self.kernel, noise=self.fixed_noise,
+                           ard=self.ard, dtype=self.dtype, device=self.device)
+
+    def fit_full_batch(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None,
+                       progress: bool | None) -> None:
+        """The closed-form fit: L-BFGS-B on the exact GP's hyperparameters, then the
+        training set becomes the GP's data (x [N, ...], y [N] or [N, D])."""
         z, y_std = self._setup(x, y)
-        self.gp = ExactGPHead(z.shape[1], y_std.shape[1], kernel=self.kernel,
-                              noise=self.fixed_noise, ard=self.ard).to(device=self.device,
-                                                                       dtype=self.dtype)
-        if optimizer is None and not self._backbone_params():
-            self._fit_exact_lbfgs(z, y_std, seed)
-        else:
-            self._fit_exact_adam(x, y_std, epochs, lr, weight_decay, optimizer, grad_clip,
-                                 progress)
-            with torch.no_grad(), preserve_training_flags(self):
-                self.eval()
-                z = self.features(x)
+        self.gp = self._exact_head(z.shape[1], y_std.shape[1])
+        fit_exact_hyperparameters(self.gp, z, y_std, num_restarts=self.num_restarts,
+                                  seed=seed)
         self.gp.set_train_data(z, y_std)
-        self.eval()
-        self._mark_fitted()
-        return self
 
-    def _fit_exact_lbfgs(self, z: torch.Tensor, y: torch.Tensor, seed: int | None) -> None:
-        head = self.gp
-        params = [p for p in (head.log_lengthscale, head.log_noise, head.mean)
-                  if p.requires_grad]
-        bounds = head.lower_bounds()
-        lower = [bounds.get(name) for name, p in head.named_parameters() if p.requires_grad]
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        best: tuple[float, dict[str, torch.Tensor]] | None = None
-        error: Exception | None = None
-        # num_restarts starts; if all of them fail, up to 5 in total before giving up.
-        for attempt in range(max(self.num_restarts, 5)):
-            if attempt >= self.num_restarts and best is not None:
-                break
-            head.reset_parameters(None if attempt == 0 else generator)
-            try:
-                value = _lbfgsb(params, lower, lambda: head.objective(z, y, warn=False),
-                                max_iter=500)
-            except NotPSDError as exc:  # this start diverged; the others may not
-                error = exc
-                continue
-            if math.isfinite(value) and (best is None or value < best[0]):
-                best = (value, copy.deepcopy(head.state_dict()))
-        if best is None:
-            raise NotPSDError(f"every GP hyperparameter fit failed: {error}")
-        head.load_state_dict(best[1])
-
-    def _fit_exact_adam(self, x: torch.Tensor, y: torch.Tensor, epochs: int | None,
-                        lr: float | None, weight_decay: float,
-                        optimizer: torch.optim.Optimizer | None, grad_clip: float | None,
-                        progress: bool) -> None:
-        epochs = check_positive_int(epochs or 100, "epochs")
-        lr = check_positive_float(lr or self.default_lr, "lr")
-        if optimizer is None:
-            optimizer = torch.optim.AdamW([
-                {"params": list(self.gp.parameters()), "weight_decay": 0.0},
-                {"params": self._backbone_params(), "weight_decay": weight_decay},
-            ], lr=lr)
-        self.history = []
-        with preserve_training_flags(self):
-            self.train()
-            for _ in tqdm(range(epochs), desc="fit gp", disable=not progress, leave=False):
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.gp.objective(self.features(x), y, warn=False)
-                loss.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.parameters(), grad_clip)
-                optimizer.step()
-                self.gp.clamp_()
-                self.history.append(float(loss.detach()))
-
-    # variational: the base class's minibatch loop with these hooks
     def on_fit_start(self, batches: Any) -> None:
-        xs, ys, rows = [], [], 0
-        for x, y in batches:
-            xs.append(x)
-            ys.append(y)
-            rows += x.shape[0]
-            if rows >= 10_000:
-                break
-        z, y = self._setup(torch.cat(xs), torch.cat(ys))
+        """Build the GP head from the training data: the exact head on all of it, or
+        the SVGP with inducing points drawn from the first rows."""
+        if self.inference == "exact":
+            x, y = batches.tensors
+            z, y_std = self._setup(x, y)
+            self.gp = self._exact_head(z.shape[1], y_std.shape[1])
+            self.gp.set_train_data(z, y_std)
+            self._fit_inputs = x
+            return
+        z, y = self._setup(*first_rows(batches, _SETUP_ROWS))
         generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
         pick = torch.randperm(z.shape[0], generator=generator)[:self.num_inducing]
         if self.task == "classification":
-            num_latents = self.num_classes or int(y.max()) + 1
-            self.num_classes = num_latents
-            self.likelihood = gpytorch.likelihoods.SoftmaxLikelihood(
-                num_classes=num_latents, mixing_weights=False)
+            y = check_labels(y, "y", self.num_classes)
+            num_latents = self.num_classes or max(int(y.max()) + 1, 2)
         else:
             num_latents = y.shape[1]
-            self.likelihood = gaussian_multitask_likelihood(num_latents)
-        self.gp = VariationalGPHead(z[pick.to(z.device)], num_latents, kernel=self.kernel,
-                                    outputscale=self.task == "classification", ard=self.ard)
-        self.gp.to(device=self.device, dtype=self.dtype)
-        self.likelihood.to(device=self.device, dtype=self.dtype)
+        self.gp, self.gp_likelihood = variational_gp(
+            z[pick.to(z.device)], num_latents, classification=self.task == "classification",
+            kernel=self.kernel, ard=self.ard)
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([
-            {"params": [*self.gp.parameters(), *self.likelihood.parameters()],
-             "weight_decay": 0.0},
-            {"params": self._backbone_params(), "weight_decay": weight_decay},
-        ], lr=lr)
+        """AdamW: no weight decay on the GP (its priors are in the objective), the given
+        decay on a trainable backbone."""
+        self._require_gp()
+        gp = [*self.gp.parameters()]
+        if self.gp_likelihood is not None and self.inference == "variational":
+            gp += [*self.gp_likelihood.parameters()]
+        groups = [{"params": [p for p in gp if p.requires_grad], "weight_decay": 0.0}]
+        backbone = self._backbone_params()
+        if backbone:
+            groups.append({"params": backbone, "weight_decay": weight_decay})
+        return torch.optim.AdamW(groups, lr=lr)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loop's loss; a kernel matrix that cannot be factorized (NaN or overflowing
+        hyperparameters after a too-large step) is reported as a diverged step."""
+        try:
+            if self.inference == "exact":  # jitter is routine while hyperparameters move
+                return self.gp.objective(self.features(x), self._standardize(y), warn=False)
+            return self.loss(x, y)
+        except (NotPSDError, *GPYTORCH_FACTORIZATION_ERRORS) as exc:
+            raise NonFiniteStep("loss (the GP's kernel matrix could not be factorized)",
+                                float("nan")) from exc
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor,
+                      optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        loss = super().training_step(x, y, optimizer)
+        if self.inference == "exact":
+            self.gp.clamp_()  # lengthscale >= 0.025, noise >= 1e-4
+        return loss
+
+    def on_fit_end(self) -> None:
+        """Exact GP trained with its backbone: its data become the final features."""
+        if self.inference == "exact" and self._fit_inputs is not None:
+            with torch.no_grad(), preserve_training_flags(self):
+                self.eval()
+                z = self.features(self._fit_inputs)
+            self.gp.set_train_data(z, self.gp.train_targets)
+            self._fit_inputs = None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.gp is None:
-            raise InputError("the GP is built from the training data; call .fit(train) first")
-        if self._backbone_params():
+        """The negative marginal likelihood plus priors over N (exact) or the negative
+        ELBO (variational) of a batch x [B, ...], y [B] / [B, D] (after ``fit`` has
+        built the GP)."""
+        self._require_gp()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self._backbone_params())):
             z = self.features(x)
-        else:
-            with torch.no_grad():
-                z = self.features(x)
         if self.inference == "exact":
-            y = (y[:, None] if y.dim() == 1 else y)
-            return self.gp.objective(z, (y - self.y_mean) / self.y_std)
-        if self.task == "regression":
-            y = ((y[:, None] if y.dim() == 1 else y) - self.y_mean) / self.y_std
-        elbo = gpytorch.mlls.VariationalELBO(self.likelihood, self.gp,
+            return self.gp.objective(z, self._standardize(y))
+        if self.task == "classification":  # C from the option, the head, or the fit
+            y = check_labels(y, "y", self._num_latents())
+        else:
+            y = self._standardize(y)
+        elbo = gpytorch.mlls.VariationalELBO(self.gp_likelihood, self.gp,
                                              num_data=int(self.n_data or x.shape[0]))
         return -elbo(self.gp(z), y)
 
-    # ----------------------------------------------------------------- prediction
+    # ----------------------------------------------------------------- posterior
 
     def _latent(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent mean and variance [N, L] (standardized units for regression)."""
+        """Latent mean and variance [n, L] at features z [n, d] (standardized units)."""
         if self.inference == "exact":
             return self.gp.posterior(z)
         dist = self.gp(z)
         return dist.mean, dist.variance
 
-    def _noise(self) -> torch.Tensor:
-        """Observation-noise variance per output [D], standardized units."""
-        return self.gp.noise if self.inference == "exact" else self.likelihood.task_noises
-
-    def _squeeze(self, t: torch.Tensor) -> torch.Tensor:
-        return t[..., 0] if t.shape[-1] == 1 else t
+    def _split_noise(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The regression likelihood's split: means [..., N, D] and the noise variance
+        in the targets' units, broadcast to them."""
+        noise = self.gp.noise if self.inference == "exact" else self.gp_likelihood.task_noises
+        return raw, (noise * self.y_std.pow(2)).to(raw.dtype).expand_as(raw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent mean: logits [N, C], or the regression mean [N] / [N, D]."""
         self._check_fitted("forward")
         mean, _ = self._latent(self.features(x))
         if self.task == "classification":
             return mean
-        return self._squeeze(mean * self.y_std + self.y_mean)
+        mean = mean * self.y_std + self.y_mean
+        return mean[:, 0] if mean.shape[1] == 1 else mean
 
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
-        mean, var = self._latent(self.features(x))
-        if self.task == "classification":
-            num_samples = num_samples or _DEFAULT_CLASS_SAMPLES
-            eps = torch.randn((num_samples, *mean.shape), generator=generator,
-                              dtype=mean.dtype, device=mean.device)
-            return CategoricalPredictive.from_logits(sample_logits=mean + eps * var.sqrt())
-        scale = self.y_std.pow(2)
-        noise = (self._noise() * scale).expand_as(var)
-        epistemic = var * scale
-        return GaussianPredictive(self._squeeze(mean * self.y_std + self.y_mean),
-                                  self._squeeze(epistemic + noise), self._squeeze(noise))
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None,
+                   blocks: tuple[int, int] | None = None) -> GaussianPosterior:
+        """Gaussian over the latent functions at x [N, ...] (mean [N, L], diagonal), or
+        with ``blocks=(b, q)`` over b blocks of q points (mean [b, q, L]; exact
+        regression: covariance joint within each block, [b, L, q, q])."""
+        z = self.features(x)
+        if self.inference == "exact" and blocks is not None:
+            mean, cov = self.gp.posterior(z.reshape(*blocks, -1), joint=True)
+            scale = self.y_std.pow(2)[:, None, None]
+            return GaussianPosterior(mean * self.y_std + self.y_mean, cov * scale,
+                                     kind="joint")
+        mean, var = self._latent(z)
+        if blocks is not None:
+            mean, var = mean.reshape(*blocks, -1), var.reshape(*blocks, -1)
+        if self.task == "regression":
+            mean, var = mean * self.y_std + self.y_mean, var * self.y_std.pow(2)
+        return GaussianPosterior(mean, var, kind="diagonal")
 
-    def _joint_posterior(self, x: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Joint latent posterior over q points, differentiable in x, original units.
+    # --------------------------------------------------------------- checkpoints
 
-        Args:
-            x: inputs [B, q, ...].
-
-        Returns:
-            ``(mean [B, q, D], covariance [B, D, q, q], noise variance [D])``; the
-            covariance is full for exact inference and diagonal for the SVGP.
-        """
-        self._check_fitted("posterior")
-        batch, q = x.shape[:2]
-        z = self.features(x.reshape(batch * q, *x.shape[2:])).reshape(batch, q, -1)
+    def _modules_for_state(self, state_dict: dict[str, Any]) -> dict[str, nn.Module]:
+        """The GP head (and likelihood) sized from a checkpoint's shapes."""
         if self.inference == "exact":
-            mean, cov = self.gp.posterior(z, joint=True)
-        else:
-            mean, var = self._latent(z.reshape(batch * q, -1))
-            mean = mean.reshape(batch, q, -1)
-            cov = torch.diag_embed(var.reshape(batch, q, -1).transpose(-1, -2))
-        scale = self.y_std.pow(2)
-        return (mean * self.y_std + self.y_mean, cov * scale[:, None, None],
-                self._noise() * scale)
+            lengthscale = state_dict.get("gp.log_lengthscale")
+            inputs = state_dict.get("gp.train_inputs")
+            if not (isinstance(lengthscale, torch.Tensor) and isinstance(inputs, torch.Tensor)
+                    and inputs.dim() == 2):
+                return {}
+            return {"gp": self._exact_head(int(inputs.shape[1]), int(lengthscale.shape[0]))}
+        inducing = state_dict.get(_INDUCING)
+        if not isinstance(inducing, torch.Tensor) or inducing.dim() != 3:
+            return {}
+        num_latents = int(inducing.shape[0])
+        if self.task == "classification" and self.num_classes not in (None, num_latents):
+            raise CheckpointError(f"the checkpoint holds a GP over {num_latents} classes, "
+                                  f"but this model has {self.num_classes}")
+        head, likelihood = variational_gp(
+            inducing[0].to(self.dtype), num_latents, kernel=self.kernel, ard=self.ard,
+            classification=self.task == "classification")
+        return {"gp": head, "gp_likelihood": likelihood}
 
-    def load(self, path: str) -> GPModel:
-        """Load a checkpoint, rebuilding the GP head from its saved shapes."""
-        state = torch.load(path, map_location=self.device, weights_only=True)["state_dict"]
-        for name in ("feature_lower", "feature_range", "y_mean", "y_std"):
-            setattr(self, name, torch.empty_like(state[name]))
-        if self.inference == "exact":
-            dim = state["gp.train_inputs"].shape[-1]
-            self.gp = ExactGPHead(dim, state["gp.log_lengthscale"].shape[0], kernel=self.kernel,
-                                  noise=self.fixed_noise, ard=self.ard)
-            self.gp.to(device=self.device, dtype=self.dtype)
-        else:
-            inducing = state["gp.variational_strategy.base_variational_strategy.inducing_points"]
-            num_latents = inducing.shape[0]
-            if self.task == "classification":
-                self.num_classes = num_latents
-                self.likelihood = gpytorch.likelihoods.SoftmaxLikelihood(
-                    num_classes=num_latents, mixing_weights=False)
-            else:
-                self.likelihood = gaussian_multitask_likelihood(num_latents)
-            self.gp = VariationalGPHead(inducing[0], num_latents, kernel=self.kernel,
-                                        outputscale=self.task == "classification",
-                                        ard=self.ard)
-            self.gp.to(device=self.device, dtype=self.dtype)
-            self.likelihood.to(device=self.device, dtype=self.dtype)
-        super().load(path)
-        self.eval()
-        return self
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, inference={self.inference!r}, "
+                f"kernel={self.kernel!r}, freeze_backbone={self.freeze_backbone}")

@@ -32,15 +32,12 @@ class LaplacePredictionMixin:
     task: str
 
     def _posterior(self, x: torch.Tensor, num_samples: int | None,
-                   generator: torch.Generator | None) -> Posterior:
+                   generator: torch.Generator | None,
+                   blocks: tuple[int, int] | None = None) -> Posterior:
         """GLM: a GaussianPosterior with mean [N, K] and variances [N, K] (probit and
         regression), covariances [N, C, C] (MC, bridge) or, for regression blocks
-        x [b, q, ...], joint covariances [b, K, q, q]; ``predictive="nn"``: a
-        SampledPosterior [S, N, K]."""
-        blocks = None
-        if isinstance(x, torch.Tensor) and x.dim() == int(self.input_ndim) + 1:
-            blocks = tuple(x.shape[:2])
-            x = x.reshape(-1, *x.shape[2:])
+        ``blocks=(b, q)`` (x then holds b·q points), joint covariances [b, K, q, q];
+        ``predictive="nn"``: a SampledPosterior [S, N, K]."""
         with preserve_training_flags(self.model):
             self.model.eval()
             if self.predictive == "nn":
@@ -80,21 +77,20 @@ class LaplacePredictionMixin:
         rows = chunk_rows(per_row * step, self.max_memory, "the predictive covariance",
                           "use hessian='kron' or 'diag'") * step
         means, covs = [], []
-        center = self.task == "classification" and mode == "diag"
         for start in range(0, n, rows):
             xb = take_rows(x, slice(start, start + rows))
             if self.last_layer:
                 f, phi = self._features(xb)
                 if blocks:
                     phi = phi.reshape(-1, blocks[1], phi.shape[-1])
-                cov = self.structure.ll_cov(fac, phi, k, mode, center)
+                cov = self.structure.ll_cov(fac, phi, k, mode)
             else:
                 index = self.subnet_index if self.subset == "subnetwork" else None
                 f, jac = batch_jacobian(self.model, self.layout, xb, index,
                                         output=self.output)
                 if blocks:
                     jac = jac.reshape(-1, blocks[1], *jac.shape[1:])
-                cov = self.structure.jac_cov(fac, jac, mode, center)
+                cov = self.structure.jac_cov(fac, jac, mode)
             means.append(f)
             covs.append(cov.to(self.dtype))
         return torch.cat(means), torch.cat(covs)

@@ -10,39 +10,47 @@ starts at the pretrained weights. What it does to the user's model, exactly:
   or a reshape, raises :class:`UnsupportedModelError` naming ``head=``);
 * the bypassed ``nn.Linear``'s parameters get ``requires_grad=False`` (they no longer
   affect anything), and so do the backbone's when ``freeze_backbone=True`` (the
-  default), which also runs the backbone in eval mode (no dropout, fixed batch-norm).
-  Pass ``copy_model=True`` to ``bayesify`` to keep the original module untouched.
+  default), which also runs the backbone in eval mode (no dropout; BatchNorm uses its
+  running statistics and never updates them). Pass ``copy_model=True`` to ``bayesify``
+  to keep the original module untouched.
 
-With a frozen backbone, ``fit`` computes the features of the training set once and
-trains the head on them, so an epoch costs a head pass. ``bm.loss(x, y)`` is the
-negative ELBO of a batch for users' own loops; ``bm(x, y)`` returns the same, so a
+The posterior (``posterior(x)``) is Gaussian over the head's outputs:
+
+* discriminative classification: logits N(W̄φ + b, diag(φᵀS_kφ + σ_k²)), mapped to
+  class probabilities by Monte Carlo over the logits (``num_samples`` draws);
+* generative classification: a point posterior over the class log densities, with the
+  negative log feature density as score ``"density"`` (an OOD score);
+* regression: the mean w̄ᵀφ + b with epistemic variance φᵀSφ (jointly over the points
+  of a block: φ_iᵀ S φ_j, as Bayesian optimization needs); the learned noise σ² is the
+  likelihood's.
+
+With a frozen backbone, ``fit`` computes the features of the training set once (the
+``training_batches`` hook) and trains the head on them (``training_loss``), so an
+epoch costs a head pass. ``bm.loss(x, y)`` is the negative ELBO of a batch of inputs
+for users' own loops (then ``bm.finish_fit()``); ``bm(x, y)`` returns the same, so a
 ``DistributedDataParallel`` wrapper, which synchronizes gradients only for calls
 through its forward, trains it too.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayesify._batching import make_train_batches, to_inputs
-from bayesify._validation import (
-    as_tensor,
-    check_choice,
-    check_labels,
-    check_positive_float,
-    check_positive_int,
-)
-from bayesify.core import BayesianModel, preserve_training_flags, register_method
-from bayesify.errors import InputError, UnsupportedModelError
-from bayesify.inference._heads import find_head
+from bayesify._batching import TensorBatches, make_train_batches
+from bayesify._validation import as_tensor, check_choice, check_labels, check_positive_float
+from bayesify.core import BayesianModel, register_method
+from bayesify.errors import InputError, NotPSDError, UnsupportedModelError
+from bayesify.fitting import NonFiniteStep
+from bayesify.inference._heads import find_head, run_to_head
 from bayesify.layers.vbll_classification import VBLLDiscriminative, VBLLGenerative
 from bayesify.layers.vbll_regression import VBLLRegression
-from bayesify.likelihoods import regression_targets
-from bayesify.predictive import GaussianPredictive, Predictive
+from bayesify.likelihoods import CategoricalLikelihood, GaussianLikelihood, regression_targets
+from bayesify.posterior import GaussianPosterior
 
 __all__ = ["VBLLModel"]
 
@@ -71,11 +79,15 @@ class VBLLModel(BayesianModel):
         rank: rank of the low-rank part (``"lowrank"`` only).
         prior_scale, wishart_scale, dof: the priors (paper defaults; wishart_scale is
             1e-2 for regression and 1 for classification when ``None``).
-        num_samples: logit samples of the discriminative predictive.
+        num_samples: logit draws of the discriminative predictive (its likelihood's
+            Monte Carlo size; ``predict(num_samples=)`` overrides it per call).
         scale_lr: learning-rate multiplier of the head's log-scale parameters in the
             default optimizer (see :meth:`configure_optimizer`).
         n_data: N, the training-set size; the ELBO's regularization weight is 1/N.
             Inferred by ``fit``; needed up front only for users' own loops.
+
+    ``fit`` defaults: AdamW at lr 1e-3 without weight decay on the head, gradient
+    clipping at 1.0, 50 epochs over cached features (20 when training jointly).
 
     With little data the prior N(0, prior_scale/d) pulls a pretrained head's mean toward
     zero through the 1/N-weighted KL: on the embedded digits (N = 866) the mean logits
@@ -91,6 +103,10 @@ class VBLLModel(BayesianModel):
     default_epochs = 50
     default_lr = 1e-3
     default_batch_size = 128
+    default_grad_clip = 1.0
+    #: Epochs when the backbone trains with the head (each epoch runs the network).
+    default_joint_epochs = 20
+    supports_joint = True
 
     def __init__(self, model: nn.Module, task: str, *, kind: str = "discriminative",
                  head: str | None = None, freeze_backbone: bool = True,
@@ -112,9 +128,9 @@ class VBLLModel(BayesianModel):
             covariance = "diagonal" if self.kind == "generative" else "dense"
         if wishart_scale is None:
             wishart_scale = 1e-2 if task == "regression" else 1.0
+        factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
         options = {"covariance": covariance, "rank": rank, "prior_scale": prior_scale,
-                   "wishart_scale": wishart_scale, "dof": dof,
-                   "dtype": linear.weight.dtype, "device": linear.weight.device}
+                   "wishart_scale": wishart_scale, "dof": dof, **factory}
         d, m = linear.in_features, linear.out_features
         if self.kind == "generative":
             self.vbll = VBLLGenerative(d, m, **options)
@@ -129,50 +145,23 @@ class VBLLModel(BayesianModel):
                 self.vbll.weight.copy_(linear.weight)
                 if bias:
                     self.vbll.bias.copy_(linear.bias)
-        self.default_num_samples = (check_positive_int(num_samples, "num_samples")
-                                    if self.kind == "discriminative" else None)
+        if self.kind == "regression":
+            self.likelihood = GaussianLikelihood(self._split_noise)
+        elif self.kind == "discriminative":
+            self.likelihood = CategoricalLikelihood(num_samples=self.vbll.num_samples)
         linear.requires_grad_(False)
         if self.freeze_backbone:
             model.requires_grad_(False)
         self.scale_lr = check_positive_float(scale_lr, "scale_lr")
         self._verified = False
-        self._on_features = False  # fit feeds cached features instead of inputs
-
-    @classmethod
-    def report_settings(cls, task: str) -> dict[str, dict[str, Any]]:
-        return {"options": {"covariance": "dense"}, "fit": {"epochs": 30, "lr": 1e-3}}
 
     # ---------------------------------------------------------------- features
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's input φ [B, d] for inputs x, read by a forward hook."""
-        if not isinstance(x, torch.Tensor):
-            x = to_inputs(x, "x", dtype=self.dtype, device=self.device)
-        head = self.model.get_submodule(self.head_name)
-        captured: list[tuple[Any, Any]] = []
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            captured.append((args[0] if args else None, output))
-
-        handle = head.register_forward_hook(hook)
-        try:
-            if self.freeze_backbone:
-                with preserve_training_flags(self.model):
-                    self.model.eval()
-                    output = self.model(x)
-            else:
-                output = self.model(x)
-        finally:
-            handle.remove()
-        if not captured or not isinstance(captured[-1][0], torch.Tensor):
-            raise UnsupportedModelError(
-                f"the model's forward never called its head {self.head_name!r} with a "
-                "tensor; pass `head=` naming the final linear layer the forward uses")
-        phi, head_output = captured[-1]
+        """The head's input φ [B, d] for inputs x [B, ...] (differentiable in x)."""
+        seen = run_to_head(self.model, self.head_name, x, frozen=self.freeze_backbone)
         if not self._verified:
-            same = (isinstance(output, torch.Tensor) and output.shape == head_output.shape
-                    and torch.equal(output, head_output))
-            if not same:
+            if not seen.output_is_head_output:
                 raise UnsupportedModelError(
                     f"the model's output is not the output of its head {self.head_name!r}: "
                     "its forward does more after that layer (an activation, a reshape, "
@@ -180,10 +169,11 @@ class VBLLModel(BayesianModel):
                     "naming the nn.Linear whose output is the model's output, or wrap a "
                     "model that ends in it")
             self._verified = True
-        return phi
+        return seen.features
 
-    def _batch_features(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self._on_features else self._features(x)
+    def _training_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of a batch of training inputs, recording the inputs' rank."""
+        return self._features(x)
 
     def _set_regularization(self) -> None:
         if self.n_data is None:
@@ -191,6 +181,11 @@ class VBLLModel(BayesianModel):
                              "to bayesify(..., n_data=N) before calling .loss in your own "
                              "loop, or train with .fit")
         self.vbll.regularization_weight = 1.0 / self.n_data
+
+    def _split_noise(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The regression likelihood's split: means [..., N, m] and the learned noise
+        variance σ² broadcast to them."""
+        return raw, self.vbll.noise_variance().to(raw.dtype).expand_as(raw)
 
     # ---------------------------------------------------------------- contract
 
@@ -203,27 +198,115 @@ class VBLLModel(BayesianModel):
         return out[:, 0] if self.kind == "regression" and out.shape[1] == 1 else out
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The negative ELBO of one batch: inputs x [B, ...], labels [B] or targets."""
-        phi = self._batch_features(x)
-        if self.vbll.regularization_weight is None or not self._on_features:
-            self._set_regularization()
+        """The negative ELBO of one batch: inputs x [B, ...], labels [B] or targets
+        [B] / [B, D]."""
+        return self._head_loss(self._training_features(x), y)
+
+    def _head_loss(self, phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The negative ELBO from the head's features [B, d]."""
+        self._set_regularization()
         y = as_tensor(y, "y", device=phi.device)
         if self.kind == "regression":
             y = y.to(phi.dtype)
         return self.vbll.loss(phi, y)
 
-    def _predict_batch(self, x: torch.Tensor, num_samples: int | None,
-                       generator: torch.Generator | None) -> Predictive:
+    def _posterior(self, x: torch.Tensor, num_samples: int | None,
+                   generator: torch.Generator | None,
+                   blocks: tuple[int, int] | None = None) -> GaussianPosterior:
+        """Gaussian over the head's outputs at x [N, ...] (mean [N, m]), or with
+        ``blocks=(b, q)`` over b blocks of q points (mean [b, q, m]; regression
+        covariance joint within each block, [b, m, q, q])."""
         phi = self._features(x)
+        shape = (-1, self.vbll.out_features) if blocks is None else (*blocks, -1)
+        if self.kind == "generative":
+            logits = self.vbll(phi)  # log N(φ | μ̄_k, Σ + S_k)
+            log_density = torch.logsumexp(logits, dim=-1) - math.log(self.vbll.out_features)
+            return GaussianPosterior(logits.reshape(shape),
+                                     scores={"density": -log_density.reshape(shape[:-1])})
         if self.kind == "discriminative":
-            return self.vbll.predict(phi, num_samples, generator)
-        pred = self.vbll.predict(phi)
-        if self.kind == "regression" and self.vbll.out_features == 1:
-            pred = GaussianPredictive(pred.mean[:, 0], pred.variance[:, 0],
-                                      aleatoric_variance=pred.aleatoric_variance[:, 0])
-        return pred
+            mean, variance = self.vbll.logit_moments(phi)
+            return GaussianPosterior(mean.reshape(shape), variance.reshape(shape),
+                                     kind="diagonal")
+        mean, epistemic, _ = self.vbll.moments(phi)
+        if blocks is None:
+            return GaussianPosterior(mean, epistemic, kind="diagonal")
+        joint = self.vbll.cov.joint(phi.reshape(*blocks, -1))  # [b, m, q, q]
+        return GaussianPosterior(mean.reshape(shape), joint, kind="joint")
 
     # ---------------------------------------------------------------- training
+
+    def fit_defaults(self) -> dict[str, Any]:
+        """The VBLL recipe: AdamW lr 1e-3, clipping at 1.0, 50 epochs on cached
+        features or 20 when the backbone trains too."""
+        defaults = super().fit_defaults()
+        if not self.freeze_backbone:
+            defaults["epochs"] = self.default_joint_epochs
+        return defaults
+
+    def training_batches(self, train: Any, *, batch_size: int,
+                         generator: torch.Generator | None, shuffle: bool = True) -> Any:
+        """Batches of inputs, or, with a frozen backbone, of the training set's
+        features φ [B, d], computed once (a DataLoader's own batch size is kept)."""
+        if not self.freeze_backbone:
+            return super().training_batches(train, batch_size=batch_size,
+                                             generator=generator, shuffle=shuffle)
+        if isinstance(train, DataLoader) and train.batch_size:
+            batch_size = train.batch_size
+        features, targets = self._cache_features(train)
+        return TensorBatches(features, targets, batch_size=batch_size, shuffle=shuffle,
+                             generator=generator)
+
+    @torch.no_grad()
+    def _cache_features(self, train: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [N, d] and checked targets of the whole training set."""
+        batches = make_train_batches(train, task=self.task, dtype=self.dtype,
+                                     device=self.device, batch_size=_CACHE_BATCH,
+                                     shuffle=False)
+        features, targets = [], []
+        for x, y in batches:
+            features.append(self._training_features(x))
+            targets.append(y)
+        if not features:
+            raise InputError("`train` is empty; pass at least one training example")
+        targets = torch.cat(targets)
+        if self.kind == "regression":
+            regression_targets(targets, self.vbll.out_features)
+        else:
+            check_labels(targets, "y", self.vbll.out_features)
+        return torch.cat(features), targets
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch from :meth:`training_batches` (features when frozen).
+
+        A covariance that cannot be factorized mid-training (NaN or overflowing
+        parameters after a too-large step) is reported as a diverged step."""
+        try:
+            if self.freeze_backbone:
+                return self._head_loss(x, y)
+            return self.loss(x, y)
+        except NotPSDError as exc:
+            raise NonFiniteStep("loss (the head's covariance could not be factorized)",
+                                float("nan")) from exc
+
+    def on_fit_start(self, batches: Any) -> None:
+        """Set the 1/N weight; start a generative head at the class means and a
+        regression head's noise at the pretrained head's residual RMS (first fit)."""
+        self._set_regularization()
+        if self.is_fitted or self.kind == "discriminative":
+            return
+        with torch.no_grad():
+            if self.freeze_backbone:  # the cached features, unshuffled
+                phi, y = batches.tensors
+            else:
+                pairs = [(self._training_features(x), y) for x, y in batches]
+                phi, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            if self.kind == "generative":
+                self.vbll.initialize_from_features(phi, y)
+            else:
+                y = regression_targets(y, self.vbll.out_features).to(phi.dtype)
+                residual = self.vbll(phi) - y
+                rms = residual.pow(2).mean(0).sqrt().clamp_min(1e-3)
+                self.vbll.noise_log_std.copy_(rms.log())
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """AdamW: no weight decay on the head (its prior is in the ELBO), the given decay
@@ -244,71 +327,6 @@ class VBLLModel(BayesianModel):
         if backbone:
             groups.append({"params": backbone, "weight_decay": weight_decay})
         return torch.optim.AdamW(groups, lr=lr)
-
-    def fit(self, train: Any, *, epochs: int | None = None, lr: float | None = None,
-            batch_size: int | None = None, weight_decay: float = 0.0,
-            optimizer: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0,
-            progress: bool = True, seed: int | None = None) -> VBLLModel:
-        """Train the head (and, with ``freeze_backbone=False``, the backbone).
-
-        As :meth:`BayesianModel.fit`, with the VBLL recipe as defaults: AdamW at
-        lr 1e-3 without weight decay on the head, gradient clipping at 1.0, and 50
-        epochs over cached features (20 epochs when training jointly).
-        """
-        if epochs is None:
-            epochs = self.default_epochs if self.freeze_backbone else 20
-        options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-                   "optimizer": optimizer, "grad_clip": grad_clip, "progress": progress,
-                   "seed": seed}
-        if not self.freeze_backbone:
-            super().fit(train, batch_size=batch_size, **options)
-            return self
-        if batch_size is None and isinstance(train, DataLoader) and train.batch_size:
-            batch_size = train.batch_size
-        features, targets = self._cache_features(train)
-        self._on_features = True
-        try:
-            super().fit((features, targets), batch_size=batch_size, **options)
-        finally:
-            self._on_features = False
-        return self
-
-    @torch.no_grad()
-    def _cache_features(self, train: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = make_train_batches(train, task=self.task, dtype=self.dtype,
-                                     device=self.device, batch_size=_CACHE_BATCH,
-                                     shuffle=False)
-        features, targets = [], []
-        for x, y in batches:
-            features.append(self._features(x))
-            targets.append(y)
-        if not features:
-            raise InputError("`train` is empty; pass at least one training example")
-        targets = torch.cat(targets)
-        if self.kind == "regression":
-            regression_targets(targets, self.vbll.out_features)
-        else:
-            check_labels(targets, "y", self.vbll.out_features)
-        return torch.cat(features), targets
-
-    def on_fit_start(self, batches: Any) -> None:
-        self._set_regularization()
-        if self.is_fitted or self.kind == "discriminative":
-            return
-        with torch.no_grad():
-            features, targets = [], []
-            for x, y in batches:
-                features.append(self._batch_features(x))
-                targets.append(y)
-            phi, y = torch.cat(features), torch.cat(targets)
-            if self.kind == "generative":
-                self.vbll.initialize_from_features(phi, y)
-            else:
-                # Start the noise at the pretrained head's residual RMS (its MLE).
-                y = regression_targets(y, self.vbll.out_features).to(phi.dtype)
-                residual = self.vbll(phi) - y
-                rms = residual.pow(2).mean(0).sqrt().clamp_min(1e-3)
-                self.vbll.noise_log_std.copy_(rms.log())
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, kind={self.kind!r}, head={self.head_name!r}, "

@@ -9,7 +9,7 @@ with noise ≥ 1e-4.
 
 * :class:`ExactGPHead` holds the training set and computes the exact marginal
   likelihood and posterior in closed form (batched over D independent outputs),
-  factorizing with :func:`cholesky_with_jitter`.
+  factorizing with :func:`bayesify._linalg.psd_cholesky`.
 * :class:`VariationalGPHead` is a whitened SVGP with inducing points (one latent GP
   per output or class), trained by GPyTorch's ``VariationalELBO`` on minibatches.
 """
@@ -18,29 +18,35 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
 
+from bayesify._linalg import psd_cholesky
 from bayesify._math import LOG_2PI
 from bayesify._validation import check_choice
-from bayesify.errors import InputError, JitterWarning, NotPSDError
+from bayesify.checkpoint import mark_dynamic
+from bayesify.errors import InputError
 
 with warnings.catch_warnings():
     # linear_operator decorates helpers with torch.jit.script, deprecated since torch 2.10.
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
     import gpytorch
+    from linear_operator.utils.errors import NanError, NotPSDError
+
+#: What GPyTorch raises when a covariance cannot be factorized (NaN, or not PSD).
+GPYTORCH_FACTORIZATION_ERRORS = (NanError, NotPSDError)
 
 __all__ = [
+    "GPYTORCH_FACTORIZATION_ERRORS",
     "KERNELS",
     "MIN_LENGTHSCALE",
     "MIN_NOISE",
     "ExactGPHead",
     "VariationalGPHead",
-    "cholesky_with_jitter",
     "exact_log_marginal",
     "gaussian_multitask_likelihood",
+    "variational_gp",
     "kernel_matrix",
     "lengthscale_prior",
     "noise_prior",
@@ -115,52 +121,6 @@ def kernel_matrix(kind: str, x1: torch.Tensor, x2: torch.Tensor,
 # --------------------------------------------------------------- linear algebra
 
 
-def cholesky_with_jitter(matrix: torch.Tensor, *, max_tries: int = 6,
-                         warn: bool = True) -> torch.Tensor:
-    """Lower Cholesky factor of a (batch of) symmetric positive definite matrix.
-
-    On failure, retries with jitter ``ε·mean(diag)`` added to the diagonal, ε growing
-    tenfold from 1e-8 (float64) or 1e-6 (lower precision), and issues one
-    :class:`~bayesify.errors.JitterWarning` saying how much was added.
-
-    Args:
-        matrix: [..., N, N].
-        max_tries: jittered attempts before giving up.
-        warn: issue the JitterWarning (callers that aggregate warnings turn it off
-            and read ``cholesky_with_jitter.last_jitter`` instead).
-
-    Raises:
-        NotPSDError: the matrix holds NaN/inf or stays indefinite after the largest
-            jitter.
-    """
-    cholesky_with_jitter.last_jitter = 0.0
-    if not bool(torch.isfinite(matrix).all()):
-        raise NotPSDError("the kernel matrix contains NaN or infinite entries; check the "
-                          "inputs and hyperparameters")
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if not bool(info.any()):
-        return factor
-    scale = float(matrix.detach().diagonal(dim1=-2, dim2=-1).abs().mean())
-    jitter = (1e-8 if matrix.dtype == torch.float64 else 1e-6) * max(scale, 1e-12)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    for _ in range(max_tries):
-        factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
-        if not bool(info.any()):
-            cholesky_with_jitter.last_jitter = jitter
-            if warn:
-                warnings.warn(f"the kernel matrix was not positive definite in {matrix.dtype}; "
-                              f"added {jitter:.1e} to its diagonal", JitterWarning,
-                              stacklevel=2)
-            return factor
-        jitter *= 10
-    raise NotPSDError(f"the kernel matrix is not positive definite even with {jitter / 10:.1e} "
-                      "added to its diagonal; use float64, remove duplicate inputs or raise "
-                      "the noise")
-
-
-cholesky_with_jitter.last_jitter = 0.0
-
-
 def exact_log_marginal(factor: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """log N(r | 0, K) from K's Cholesky factor.
 
@@ -193,24 +153,37 @@ class ExactGPHead(nn.Module):
             features (cheaper to fit on wide network features).
 
     Parameters are kept in log space: ``log_lengthscale`` [D, 1, d or 1], ``log_noise``
-    [D], ``mean`` [D]. ``set_train_data(z, y)`` stores the training set (buffers, so
-    checkpoints hold it); predictions come from :meth:`posterior`.
+    [D], ``mean`` [D]. ``set_train_data(z, y)`` stores the training set (buffers
+    ``train_inputs`` [N, d] and ``train_targets`` [N, D], so checkpoints hold it);
+    predictions come from :meth:`posterior`.
     """
 
     def __init__(self, dim: int, num_outputs: int = 1, *, kernel: str = "rbf",
-                 noise: float | None = None, ard: bool = True):
+                 noise: float | None = None, ard: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         self.kernel = check_choice(kernel, "kernel", KERNELS)
         self.dim = dim
         self.num_outputs = num_outputs
         self.fixed_noise = noise
-        self.log_lengthscale = nn.Parameter(torch.zeros(num_outputs, 1, dim if ard else 1))
-        self.log_noise = nn.Parameter(torch.zeros(num_outputs), requires_grad=noise is None)
-        self.mean = nn.Parameter(torch.zeros(num_outputs))
-        self.register_buffer("train_inputs", torch.zeros(0, dim))
-        self.register_buffer("train_targets", torch.zeros(0, num_outputs))
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        factory = {"dtype": dtype, "device": device}
+        self.log_lengthscale = nn.Parameter(torch.zeros(num_outputs, 1, dim if ard else 1,
+                                                        **factory))
+        self.log_noise = nn.Parameter(torch.zeros(num_outputs, **factory),
+                                      requires_grad=noise is None)
+        self.mean = nn.Parameter(torch.zeros(num_outputs, **factory))
+        # The training set: its size is set by set_train_data (and taken from a
+        # checkpoint on load).
+        self.register_buffer("train_inputs", torch.zeros(0, dim, **factory))
+        self.register_buffer("train_targets", torch.zeros(0, num_outputs, **factory))
+        mark_dynamic(self, "train_inputs", "train_targets")
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(ExactGPHead._clear_cache)
         self.reset_parameters()
+
+    @staticmethod
+    def _clear_cache(module: nn.Module, incompatible_keys: object) -> None:
+        module._cache = None  # loaded weights invalidate the solve cache
 
     @property
     def lengthscale(self) -> torch.Tensor:
@@ -272,16 +245,6 @@ class ExactGPHead(nn.Module):
             self._cache = None
         return super().train(mode)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              *args: Any, **kwargs: Any) -> None:
-        # The training set's size is only known from the checkpoint.
-        for name in ("train_inputs", "train_targets"):
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]).to(self.mean))
-        self._cache = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def _train_covariance(self, z: torch.Tensor) -> torch.Tensor:
         k = kernel_matrix(self.kernel, z, z, self.lengthscale)  # [D, N, N]
         eye = torch.eye(z.shape[0], dtype=k.dtype, device=k.device)
@@ -304,7 +267,7 @@ class ExactGPHead(nn.Module):
         """
         z = self.train_inputs if z is None else z
         y = self.train_targets if y is None else y
-        factor = cholesky_with_jitter(self._train_covariance(z), warn=warn)
+        factor = psd_cholesky(self._train_covariance(z), name="kernel matrix", warn=warn)
         residual = (y - self.mean).transpose(0, 1)  # [D, N]
         log_marginal = exact_log_marginal(factor, residual).sum()
         return -(log_marginal + self.log_prior()) / z.shape[0]
@@ -315,7 +278,7 @@ class ExactGPHead(nn.Module):
             return self._cache
         if self.train_inputs.shape[0] == 0:
             raise InputError("the GP head has no training data; call set_train_data first")
-        factor = cholesky_with_jitter(self._train_covariance(self.train_inputs))
+        factor = psd_cholesky(self._train_covariance(self.train_inputs), name="kernel matrix")
         residual = (self.train_targets - self.mean).transpose(0, 1).unsqueeze(-1)
         alpha = torch.cholesky_solve(residual, factor)
         cache = (factor, alpha, self.train_inputs / self.lengthscale)
@@ -412,3 +375,26 @@ def gaussian_multitask_likelihood(num_outputs: int) -> gpytorch.likelihoods.Like
         noise_constraint=gpytorch.constraints.GreaterThan(MIN_NOISE))
     likelihood.task_noises = torch.full((num_outputs,), _lognormal_mode(prior))
     return likelihood
+
+
+def variational_gp(inducing_points: torch.Tensor, num_latents: int, *, classification: bool,
+                   kernel: str = "rbf", ard: bool = True
+                   ) -> tuple[VariationalGPHead, gpytorch.likelihoods.Likelihood]:
+    """An SVGP head and its GPyTorch likelihood, on ``inducing_points``' dtype and device.
+
+    Args:
+        inducing_points: initial inducing locations [M, d].
+        num_latents: L, D regression outputs or C classes.
+        classification: a softmax over the L latent GPs (with an output scale) instead
+            of independent Gaussian noise per output.
+        kernel, ard: as for :class:`VariationalGPHead`.
+    """
+    head = VariationalGPHead(inducing_points, num_latents, kernel=kernel,
+                             outputscale=classification, ard=ard)
+    if classification:
+        likelihood = gpytorch.likelihoods.SoftmaxLikelihood(num_classes=num_latents,
+                                                            mixing_weights=False)
+    else:
+        likelihood = gaussian_multitask_likelihood(num_latents)
+    factory = {"device": inducing_points.device, "dtype": inducing_points.dtype}
+    return head.to(**factory), likelihood.to(**factory)

@@ -12,6 +12,7 @@ import abc
 import torch
 from torch import nn
 
+from bayesify._linalg import gaussian_kl
 from bayesify._validation import (
     check_finite,
     check_labels,
@@ -19,10 +20,9 @@ from bayesify._validation import (
     check_positive_int,
 )
 from bayesify.errors import InputError
-from bayesify.layers.vbll_covariance import VBLLCovariance, gaussian_kl, wishart_log_prior
+from bayesify.layers.vbll_covariance import VBLLCovariance, wishart_log_prior
 
 __all__ = ["VBLLHead", "check_labels_for"]
-
 
 
 class VBLLHead(nn.Module, metaclass=abc.ABCMeta):
@@ -35,18 +35,22 @@ class VBLLHead(nn.Module, metaclass=abc.ABCMeta):
             generative head).
         covariance, rank: the posterior covariance form (see :class:`VBLLCovariance`).
         regularization_weight: 1/N; may be set later (before the first ``loss``).
-        prior_var: s, the prior variance of each weight.
+        prior_scale: the user's prior scale (checked as given, so an error names the
+            value passed, not a derived one).
+        prior_factor: s = prior_factor · prior_scale is the prior variance of each
+            weight (2/d, 1/d or 1, by head).
         wishart_scale, dof: the noise prior's scale c and degrees of freedom.
     """
 
     def __init__(self, in_features: int, out_features: int, noise_dim: int, *,
                  covariance: str, rank: int | None, regularization_weight: float | None,
-                 prior_var: float, wishart_scale: float, dof: float,
+                 prior_scale: float, prior_factor: float, wishart_scale: float, dof: float,
                  dtype: torch.dtype | None, device: torch.device | str | None):
         super().__init__()
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
-        self.prior_var = check_positive_float(prior_var, "prior_scale")
+        self.prior_scale = check_positive_float(prior_scale, "prior_scale")
+        self.prior_var = prior_factor * self.prior_scale
         self.wishart_scale = check_positive_float(wishart_scale, "wishart_scale")
         self.dof = check_positive_float(dof, "dof")
         self.regularization_weight = regularization_weight

@@ -17,10 +17,11 @@ import math
 import torch
 from torch import nn
 
+from bayesify._linalg import psd_cholesky
 from bayesify._math import LOG_2PI
 from bayesify._validation import check_positive_int
 from bayesify.layers.vbll_base import VBLLHead, check_labels_for
-from bayesify.layers.vbll_covariance import VBLLCovariance, cholesky_with_jitter
+from bayesify.layers.vbll_covariance import VBLLCovariance
 from bayesify.predictive import CategoricalPredictive
 
 __all__ = [
@@ -72,7 +73,7 @@ def generative_log_marginals(phi: torch.Tensor, means: torch.Tensor, cov: VBLLCo
     if cov.kind == "dense":
         L = cov.scale_tril()
         marginal = L @ L.transpose(-1, -2) + torch.diag_embed(noise_var).expand_as(L)
-        chol = cholesky_with_jitter(marginal, "class covariance Σ + S_k")
+        chol = psd_cholesky(marginal, name="class covariance Σ + S_k")
         residual = (phi.unsqueeze(0) - means.unsqueeze(1)).transpose(-1, -2)  # [C, d, B]
         white = torch.linalg.solve_triangular(chol, residual, upper=False)
         quad = white.pow(2).sum(-2).T
@@ -84,7 +85,7 @@ def generative_log_marginals(phi: torch.Tensor, means: torch.Tensor, cov: VBLLCo
         if cov.kind == "lowrank":
             # Woodbury in solve form: rᵀ(D + UUᵀ)⁻¹r = rᵀD⁻¹r − ‖K⁻½ Uᵀ D⁻¹ r‖², with the
             # r×r capacitance K = I + Uᵀ D⁻¹ U factored by Cholesky (det lemma for logdet).
-            chol = cholesky_with_jitter(cov.capacitance(diag), "low-rank capacitance matrix")
+            chol = psd_cholesky(cov.capacitance(diag), name="low-rank capacitance matrix")
             scaled = cov.factor / diag.unsqueeze(-1)  # D⁻¹U [C, d, r]
             proj = torch.einsum("bd,cdr->cbr", phi, scaled)
             proj = proj - torch.einsum("cd,cdr->cr", means, scaled).unsqueeze(1)
@@ -120,7 +121,7 @@ class VBLLDiscriminative(VBLLHead):
                  device: torch.device | str | None = None):
         super().__init__(in_features, num_classes, num_classes, covariance=covariance,
                          rank=rank, regularization_weight=regularization_weight,
-                         prior_var=2.0 * float(prior_scale) / in_features,
+                         prior_scale=prior_scale, prior_factor=2.0 / in_features,
                          wishart_scale=wishart_scale, dof=dof, dtype=dtype, device=device)
         factory = {"dtype": dtype, "device": device}
         self.weight = nn.Parameter(torch.zeros(num_classes, in_features, **factory))
@@ -193,7 +194,8 @@ class VBLLGenerative(VBLLHead):
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__(in_features, num_classes, in_features, covariance=covariance,
                          rank=rank, regularization_weight=regularization_weight,
-                         prior_var=float(prior_scale), wishart_scale=wishart_scale, dof=dof,
+                         prior_scale=prior_scale, prior_factor=1.0,
+                         wishart_scale=wishart_scale, dof=dof,
                          dtype=dtype, device=device)
         self.means = nn.Parameter(torch.zeros(num_classes, in_features, dtype=dtype,
                                               device=device))

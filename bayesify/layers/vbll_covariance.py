@@ -12,28 +12,23 @@ which forms an inverse:
   log det S by the matrix determinant lemma through the Cholesky factor of the r×r
   capacitance I + Uᵀ D⁻¹ U (D is diagonal, so D⁻¹ is elementwise).  O(B·m·d·r).
 
-The pure functions :func:`gaussian_kl` and :func:`wishart_log_prior` are the
-regularizers of the ELBO (METHODS.md, VBLL).
+:func:`wishart_log_prior` and the KL of :func:`bayesify._linalg.gaussian_kl` are the
+regularizers of the ELBO (METHODS.md, VBLL); every factorization goes through
+:func:`bayesify._linalg.psd_cholesky`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
+from bayesify._linalg import gaussian_kl, psd_cholesky
 from bayesify._validation import check_choice, check_positive_int
-from bayesify.errors import InputError, JitterWarning, NotPSDError
+from bayesify.errors import InputError
 
-__all__ = [
-    "COVARIANCES",
-    "VBLLCovariance",
-    "cholesky_with_jitter",
-    "gaussian_kl",
-    "wishart_log_prior",
-]
+__all__ = ["COVARIANCES", "VBLLCovariance", "wishart_log_prior"]
 
 COVARIANCES = ("dense", "diagonal", "lowrank")
 
@@ -41,26 +36,6 @@ COVARIANCES = ("dense", "diagonal", "lowrank")
 # every term of the ELBO (all gradients in U are linear in U), so training would never
 # leave it.
 _LOWRANK_INIT = 0.1
-
-
-def gaussian_kl(mean: torch.Tensor, trace: torch.Tensor, logdet: torch.Tensor,
-                prior_var: float) -> torch.Tensor:
-    """KL(N(w̄_k, S_k) ‖ N(0, s·I)) for each of m rows.
-
-    KL_k = ½[‖w̄_k‖²/s + tr S_k/s − log det S_k + d·log s − d].
-
-    Args:
-        mean: posterior means w̄ [m, d].
-        trace: tr S_k [m].
-        logdet: log det S_k [m].
-        prior_var: s, the prior variance of each weight.
-
-    Returns:
-        KL per row [m].
-    """
-    d = mean.shape[-1]
-    return 0.5 * ((mean.pow(2).sum(-1) + trace) / prior_var - logdet
-                  + d * math.log(prior_var) - d)
 
 
 def wishart_log_prior(log_var: torch.Tensor, dof: float, scale: float) -> torch.Tensor:
@@ -79,31 +54,6 @@ def wishart_log_prior(log_var: torch.Tensor, dof: float, scale: float) -> torch.
     """
     nu = 0.5 * (dof + log_var.shape[-1] + 1)
     return -nu * log_var.sum() - 0.5 * scale * torch.exp(-log_var).sum()
-
-
-def cholesky_with_jitter(matrix: torch.Tensor, name: str = "covariance",
-                         max_tries: int = 6) -> torch.Tensor:
-    """Lower Cholesky factor of (a batch of) SPD matrices [..., n, n].
-
-    Retries with a growing diagonal jitter (warning with :class:`JitterWarning`) and
-    raises :class:`NotPSDError` when even the largest jitter fails.
-    """
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if not bool((info != 0).any()):
-        return factor
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    diag_mean = matrix.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(1e-30)
-    base = (1e-6 if matrix.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            else 1e-10) * float(diag_mean)
-    for attempt in range(max_tries):
-        jitter = base * 10.0 ** attempt
-        factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
-        if not bool((info != 0).any()):
-            warnings.warn(f"the {name} was not positive definite; added {jitter:.3g} to its "
-                          "diagonal", JitterWarning, stacklevel=2)
-            return factor
-    raise NotPSDError(f"the {name} is not positive definite, even with {jitter:.3g} added to "
-                      "its diagonal; check the inputs for duplicates or extreme scales")
 
 
 class VBLLCovariance(nn.Module):
@@ -176,6 +126,23 @@ class VBLLCovariance(nn.Module):
         """φᵀ S_k φ for every input and row: phi [B, d] -> [B, m]."""
         return self.terms(phi)[0]
 
+    def joint(self, phi: torch.Tensor) -> torch.Tensor:
+        """φ_iᵀ S_k φ_j for every pair of q points and row: phi [..., q, d] -> [..., m, q, q].
+
+        The covariance over points of the k-th output's mean w_kᵀφ (its diagonal is
+        :meth:`quad`); no inverse and no [d, d] matrix beyond the dense factor.
+        """
+        phi = phi.unsqueeze(-3)  # [..., 1, q, d]
+        if self.kind == "dense":
+            projected = phi @ self.scale_tril()  # [..., m, q, d]: rows of φ L_k
+            return projected @ projected.transpose(-1, -2)
+        var = torch.exp(2 * self.log_std)  # [m, d]
+        cov = (phi * var.unsqueeze(-2)) @ phi.transpose(-1, -2)
+        if self.kind == "lowrank":
+            low = phi @ self.factor  # [..., m, q, r]
+            cov = cov + low @ low.transpose(-1, -2)
+        return cov
+
     def trace(self) -> torch.Tensor:
         """tr S_k [m]."""
         return self.terms()[1]
@@ -211,7 +178,7 @@ class VBLLCovariance(nn.Module):
                 low = phi @ self.factor.permute(1, 0, 2).reshape(d, m * r)
                 quad = quad + low.reshape(-1, m, r).pow(2).sum(-1)
             # det(D + UUᵀ) = det D · det(I + Uᵀ D⁻¹ U)  (matrix determinant lemma).
-            chol = cholesky_with_jitter(self.capacitance(var), "low-rank capacitance matrix")
+            chol = psd_cholesky(self.capacitance(var), name="low-rank capacitance matrix")
             logdet = logdet + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return quad, trace, logdet
 

@@ -72,7 +72,7 @@ class VBLLRegression(VBLLHead):
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__(in_features, out_features, out_features, covariance=covariance,
                          rank=rank, regularization_weight=regularization_weight,
-                         prior_var=float(prior_scale) / in_features,
+                         prior_scale=prior_scale, prior_factor=1.0 / in_features,
                          wishart_scale=wishart_scale, dof=dof, dtype=dtype, device=device)
         factory = {"dtype": dtype, "device": device}
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))

@@ -104,6 +104,8 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
             model's weights, the others at those weights plus N(0, (0.1·prior_std)²)
             noise.
         prior_std: standard deviation of the N(0, prior_std²) prior on every weight.
+        noise_param: how heteroscedastic outputs give the variance (see
+            :class:`~bayesify.likelihoods.GaussianNoise`).
         noise: regression noise: ``"homoscedastic"`` (sampled), a fixed std, or
             ``"heteroscedastic"`` (see the module docstring).
         noise_prior_std: std of the N(0, noise_prior_std²) prior on each log noise std.
@@ -135,7 +137,7 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
                  step_size: float = 0.05, max_tree_depth: int = 10,
                  target_accept: float = 0.8, max_parameters: int = 5000,
                  seed: int | None = None, num_threads: int | None = 1,
-                 num_outputs: int | None = None,
+                 num_outputs: int | None = None, noise_param: str | None = None,
                  n_data: int | None = None):
         if model is None:
             raise InputError("`model` is None; HMC needs a network whose weights it samples")
@@ -152,7 +154,8 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         self.seed = None if seed is None else int(seed)
         self.num_threads = (None if num_threads is None
                             else check_positive_int(num_threads, "num_threads"))
-        self._init_likelihood(noise, num_outputs)
+        # beta-NLL is a training weight, not a likelihood to sample under: no `beta`.
+        self._init_likelihood(noise, num_outputs, noise_param=noise_param)
         if self._samples_noise:
             self.likelihood = GaussianLikelihood(self._split_sampled_noise)
         self._flat = FlatParameters(model)

@@ -90,6 +90,8 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
             makes (see :class:`~bayesify.IVON`); ``ess`` defaults to the training-set
             size, ``hess_init`` to the recipe's and ``weight_decay`` is the default of
             ``fit(weight_decay=)``.
+        noise_param, beta: how heteroscedastic outputs give the variance, and the
+            beta-NLL weight (see :class:`~bayesify.likelihoods.GaussianNoise`).
         noise: regression noise: ``"homoscedastic"`` (learned), ``"heteroscedastic"``
             or a fixed standard deviation.
         num_outputs: D, when it cannot be read off the model's last layer.
@@ -127,6 +129,8 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         seed: int | None = None,
         noise: Any = "homoscedastic",
         num_outputs: int | None = None,
+        noise_param: str | None = None,
+        beta: float = 0.0,
         n_data: int | None = None,
     ):
         if model is None:
@@ -140,7 +144,7 @@ class IVONModel(NetworkLikelihoodMixin, BayesianModel):
         #: ``"scratch"`` or ``"finetune"``: where ``fit``'s lr and ``hess_init`` come from.
         self.recipe = check_choice(recipe, "recipe", tuple(RECIPES))
         self._watch: StartWatch | None = None
-        self._init_likelihood(noise, num_outputs)
+        self._init_likelihood(noise, num_outputs, noise_param=noise_param, beta=beta)
         self._optimizer: IVON | None = None
         self._revoked = False
         if optimizer is not None:

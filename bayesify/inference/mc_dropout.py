@@ -188,6 +188,8 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
             (registration order; default 1).
         before: names of submodules (any type, e.g. ``"features.conv3"``) to insert
             dropout before, instead of ``layers``.
+        noise_param, beta: how heteroscedastic outputs give the variance, and the
+            beta-NLL weight (see :class:`~bayesify.likelihoods.GaussianNoise`).
         noise: regression noise: ``"homoscedastic"`` (learned, default),
             ``"heteroscedastic"`` (the network outputs means and raw scales) or a fixed
             standard deviation.
@@ -213,6 +215,7 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
     def __init__(self, model: nn.Module, task: str, *, p: float | None = None,
                  layers: int | None = None, before: str | Sequence[str] | None = None,
                  noise: Any = "homoscedastic", num_outputs: int | None = None,
+                 noise_param: str | None = None, beta: float = 0.0,
                  n_data: int | None = None, fast_path: bool = True,
                  max_batch_rows: int = 32768):
         if model is None:
@@ -227,7 +230,7 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
         self.max_batch_rows = check_positive_int(max_batch_rows, "max_batch_rows")
         # The likelihood is checked before the model is touched, so a failed wrap
         # leaves the user's network as it was.
-        self._init_likelihood(noise, num_outputs)
+        self._init_likelihood(noise, num_outputs, noise_param=noise_param, beta=beta)
         found = find_dropout(model)
         existing = [name for name, _ in found]
         insert = layers is not None or before is not None or not existing

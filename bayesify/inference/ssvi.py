@@ -94,7 +94,8 @@ class SSVIModel(VIModel):
             paper's BatchNorm ResNets undo the shrinkage themselves).
         seed: seeds the random initial mask.
         prior_std, init_std, kl_weight, temperature, kl_warmup, keep_deterministic,
-        include, exclude, sgd_momentum, cosine_lr, rho_lr, noise, num_outputs, n_data:
+        include, exclude, sgd_momentum, cosine_lr, rho_lr, noise, num_outputs, noise_param,
+        beta, n_data:
             as for ``"vi"``, with SSVI's defaults.
     """
 
@@ -113,7 +114,8 @@ class SSVIModel(VIModel):
                  exclude: str | Sequence[str] | None = None,
                  sgd_momentum: float | None = 0.9, cosine_lr: bool = True,
                  rho_lr: float | None = None, noise: Any = "homoscedastic",
-                 num_outputs: int | None = None, n_data: int | None = None):
+                 num_outputs: int | None = None, noise_param: str | None = None,
+                 beta: float = 0.0, n_data: int | None = None):
         self.density = check_fraction(density, "density", high_inclusive=True)
         self.update_interval = check_positive_int(update_interval, "update_interval")
         self.update_end = check_fraction(update_end, "update_end", low_inclusive=True,
@@ -127,7 +129,8 @@ class SSVIModel(VIModel):
                          keep_deterministic=keep_deterministic, include=include,
                          exclude=exclude, sgd_momentum=sgd_momentum,
                          cosine_lr=cosine_lr, rho_lr=rho_lr, noise=noise,
-                         num_outputs=num_outputs, n_data=n_data)
+                         num_outputs=num_outputs, noise_param=noise_param, beta=beta,
+                         n_data=n_data)
         dense = self._resolve_dense_layers(dense_layers)
         self._sparse = {n: m for n, m in self._layers.items() if n not in dense}
         generator = None

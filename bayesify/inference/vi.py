@@ -101,6 +101,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
         rho_lr: learning rate of the ``rho`` (sigma) parameters; ``lr`` when ``None``.
         noise, num_outputs: the regression noise model (see
             :class:`~bayesify.likelihoods.GaussianNoise`).
+        noise_param, beta: how heteroscedastic outputs give the variance, and the
+            beta-NLL weight, which then replaces the ELBO's likelihood term.
         n_data: N, the training-set size (inferred by ``fit`` when ``None``; needed by
             ``loss`` in your own loop unless ``kl_weight`` is given).
     """
@@ -118,7 +120,8 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
                  exclude: str | Sequence[str] | None = None,
                  sgd_momentum: float | None = None, cosine_lr: bool = False,
                  rho_lr: float | None = None, noise: Any = "homoscedastic",
-                 num_outputs: int | None = None, n_data: int | None = None):
+                 num_outputs: int | None = None, noise_param: str | None = None,
+                 beta: float = 0.0, n_data: int | None = None):
         if model is None:
             raise InputError(f"`model` is None; {self.method_name!r} needs a network")
         super().__init__(model, task, n_data=n_data)
@@ -134,7 +137,7 @@ class VIModel(NetworkLikelihoodMixin, BayesianModel):
                                                        allow_zero=True))
         self.cosine_lr = bool(cosine_lr)
         self.rho_lr = None if rho_lr is None else check_positive_float(rho_lr, "rho_lr")
-        self._init_likelihood(noise, num_outputs)
+        self._init_likelihood(noise, num_outputs, noise_param=noise_param, beta=beta)
         self.model, self._layers = convert_to_mean_field(
             model, method=self.method_name, keep_deterministic=keep_deterministic,
             include=include, exclude=exclude, prior_std=self.prior_std,

@@ -349,6 +349,18 @@ class BayesianModel(FittingMixin, nn.Module, metaclass=abc.ABCMeta):
         return f"task={self.task!r}, n_data={self.n_data}, fitted={self.is_fitted}"
 
 
+def resolve_method(method: str | type[BayesianModel], name: str = "method"
+                   ) -> type[BayesianModel]:
+    """The class behind a method name or class; ``name`` is the argument's name for the
+    error."""
+    if isinstance(method, str):
+        return get_method(method)
+    if isinstance(method, type) and issubclass(method, BayesianModel):
+        return method
+    raise InputError(f"`{name}` must be a method name or a BayesianModel subclass, "
+                     f"got {type(method).__name__}")
+
+
 def bayesify(
     model: nn.Module | None,
     method: str | type[BayesianModel] = "deterministic",
@@ -378,13 +390,7 @@ def bayesify(
         >>> pred = bm.predict(x_test)          # CategoricalPredictive
     """
     check_choice(task, "task", TASKS)
-    if isinstance(method, str):
-        cls = get_method(method)
-    elif isinstance(method, type) and issubclass(method, BayesianModel):
-        cls = method
-    else:
-        raise InputError("`method` must be a method name or a BayesianModel subclass, "
-                         f"got {type(method).__name__}")
+    cls = resolve_method(method)
     if model is not None and not isinstance(model, nn.Module):
         raise InputError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     output = options.pop("output", None)

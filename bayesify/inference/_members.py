@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesify.core import BayesianModel, get_method
+from bayesify.core import BayesianModel, resolve_method
 from bayesify.errors import BayesifyWarning, InputError, UnsupportedModelError
 
 __all__ = ["check_base_options", "member_seeds", "reinitialize", "resolve_base"]
@@ -23,13 +23,7 @@ def member_seeds(seed: int, members: int) -> list[int]:
 
 
 def resolve_base(base: Any) -> type[BayesianModel]:
-    if isinstance(base, str):
-        cls = get_method(base)
-    elif isinstance(base, type) and issubclass(base, BayesianModel):
-        cls = base
-    else:
-        raise InputError("`base` must be a method name or a BayesianModel subclass, got "
-                         f"{type(base).__name__}")
+    cls = resolve_method(base, "base")
     if cls.method_name == "ensemble":
         raise InputError("`base` cannot be 'ensemble': an ensemble of ensembles is one "
                          "ensemble with more members; raise `members=` instead")

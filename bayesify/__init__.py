@@ -34,6 +34,7 @@ from bayesify.posterior import GaussianPosterior, Posterior, SampledPosterior
 from bayesify.predictive import (
     CategoricalPredictive,
     GaussianPredictive,
+    GeneralizedGaussianPredictive,
     MixturePredictive,
     Predictive,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "ConvergenceWarning",
     "GaussianPosterior",
     "GaussianPredictive",
+    "GeneralizedGaussianPredictive",
     "IVON",
     "InputError",
     "JitterWarning",

@@ -76,6 +76,8 @@ _BUILTIN_MODULES: dict[str, str] = {
     "laplace": "bayesify.inference.laplace",
     "ensemble": "bayesify.inference.ensemble",
     "swag": "bayesify.inference.swag",
+    "tfb": "bayesify.inference.tfb",
+    "bayescap": "bayesify.inference.bayescap",
 }
 _REGISTRY: dict[str, type[BayesianModel]] = {}
 

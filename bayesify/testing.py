@@ -72,6 +72,9 @@ _FAST: dict[str, MethodSettings] = {
                          fit_for={"regression": {}}),
     "ensemble": MethodSettings(options={"members": 2}),
     "laplace": MethodSettings(fit={}),
+    # Post hoc on LoRA adapters: a short search with few draws (the suite passes a
+    # LoRA network through `network=`).
+    "tfb": MethodSettings(options={"iterations": 4, "num_samples": 4}, fit={}),
 }
 
 

@@ -145,3 +145,23 @@ def tiny_images(n: int, num_classes: int = 3, *, in_channels: int = 3, size: int
     rows = (y * size) // num_classes
     x[torch.arange(n), y % in_channels, rows, :] += 2.0
     return x.to(dtype), y
+
+
+def lora_network(task: str, *, batchnorm: bool = False, seed: int = 0, rank: int = 4
+                 ) -> nn.Module:
+    """The suite's MLP with random (not zero) LoRA adapters on every Linear layer. peft
+    freezes the base weights; they are unfrozen again so that the suite's copy_model
+    check can see that tfb itself freezes nothing."""
+    import peft
+
+    from bayesify.testing import default_network
+
+    net = default_network(task, batchnorm=batchnorm, seed=seed)
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(net, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                     target_modules=names,
+                                                     init_lora_weights=False))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -16,9 +16,21 @@ CASES = [(name, task) for name in _BUILTIN_MODULES for task in bf.TASKS
          if task in bf.get_method(name).supported_tasks]
 
 
+def _network(method):
+    """The suite's MLP, or for tfb (which Bayesianizes LoRA adapters) the same MLP with
+    peft LoRA adapters on every Linear layer."""
+    if method != "tfb":
+        return None
+    pytest.importorskip("peft")
+    from _models import lora_network
+
+    return lora_network
+
+
 @pytest.mark.parametrize(("method", "task"), CASES, ids=[f"{m}-{t}" for m, t in CASES])
 def test_builtin_method_conforms(method, task, dtype, device):
-    assert check_method(method, task, dtype=dtype, device=device) == list(CHECKS)
+    assert check_method(method, task, dtype=dtype, device=device,
+                        network=_network(method)) == list(CHECKS)
 
 
 class ScaledLinearModel(bf.BayesianModel):

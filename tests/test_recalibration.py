@@ -359,3 +359,22 @@ def test_recalibrators_follow_the_device(device):
     for value in (rp.mean, rp.interval(0.9)[0], rp.log_prob(y), rp.sample(3)):
         assert value.device.type == device.type
     assert VarianceScaling().fit(pred, y).transform(pred).mean.device.type == device.type
+
+
+def test_variance_scaling_stretches_a_generalized_gaussian_exactly():
+    # beta = 2 is the Gaussian with std alpha / sqrt(2): the NLL-optimal factor is the
+    # Gaussian closed form sqrt(mean(y^2)) / std, reached here by L-BFGS on log s.
+    from bayesify.predictive import GeneralizedGaussianPredictive
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(500, generator=g, dtype=torch.float64)
+    std = 0.5
+    pred = GeneralizedGaussianPredictive(torch.zeros(500, dtype=torch.float64),
+                                         torch.full((500,), std * 2 ** 0.5,
+                                                    dtype=torch.float64),
+                                         torch.full((500,), 2.0, dtype=torch.float64))
+    vs = VarianceScaling().fit(pred, y)
+    assert vs.scale == pytest.approx(float(y.pow(2).mean().sqrt()) / std, rel=1e-5)
+    scaled = vs.transform(pred)
+    assert isinstance(scaled, GeneralizedGaussianPredictive)
+    torch.testing.assert_close(scaled.variance, pred.variance * vs.scale ** 2)

@@ -32,6 +32,7 @@ from bayesify.errors import InputError, NotFittedError
 from bayesify.predictive import (
     CategoricalPredictive,
     GaussianPredictive,
+    GeneralizedGaussianPredictive,
     MixturePredictive,
     Predictive,
     RegressionPredictive,
@@ -158,8 +159,10 @@ def scale_predictive(pred: RegressionPredictive,
         center = pred.mean
         return MixturePredictive(center + scale * (pred.means - center),
                                  pred.variances * scale ** 2, pred.weights)
-    raise InputError(f"`pred` must be a GaussianPredictive or MixturePredictive, "
-                     f"got {type(pred).__name__}")
+    if isinstance(pred, GeneralizedGaussianPredictive):
+        return pred.rescaled(scale)
+    raise InputError(f"`pred` must be a GaussianPredictive, MixturePredictive or "
+                     f"GeneralizedGaussianPredictive, got {type(pred).__name__}")
 
 
 def _scaled_nll(pred: RegressionPredictive, y: torch.Tensor,
@@ -337,8 +340,9 @@ class VarianceScaling(_Recalibrator):
     """A factor s on the predictive standard deviation, fitted by NLL.
 
     For a GaussianPredictive s has the closed form sqrt(mean((y - mean)^2 / variance));
-    for a MixturePredictive the whole mixture is stretched about its mean
-    (mean + s (Y - mean)) and s is fitted by L-BFGS on log s. The mean never changes.
+    for a MixturePredictive or GeneralizedGaussianPredictive the whole distribution is
+    stretched about its mean (mean + s (Y - mean)) and s is fitted by L-BFGS on log s,
+    starting from the Gaussian value. The mean never changes.
 
     Args:
         per_output: for multi-output predictives [N, D], fit one factor per output
@@ -361,9 +365,10 @@ class VarianceScaling(_Recalibrator):
             ``self``.
         """
         pred = _regression(pred, "pred")
-        if not isinstance(pred, GaussianPredictive | MixturePredictive):
-            raise InputError("`pred` must be a GaussianPredictive or MixturePredictive, "
-                             f"got {type(pred).__name__}")
+        if not isinstance(pred, GaussianPredictive | MixturePredictive
+                          | GeneralizedGaussianPredictive):
+            raise InputError("`pred` must be a GaussianPredictive, MixturePredictive or "
+                             f"GeneralizedGaussianPredictive, got {type(pred).__name__}")
         pred = pred.to(dtype=torch.float64)
         target = pred._target(y).detach()
         scale = gaussian_std_scale(pred.mean, pred.variance, target,
@@ -376,7 +381,7 @@ class VarianceScaling(_Recalibrator):
                 "exactly zero), so the maximum-likelihood variance scale is 0 and would "
                 "collapse the predictive; fit VarianceScaling on held-out data the model "
                 "did not fit exactly")
-        if isinstance(pred, MixturePredictive):
+        if not isinstance(pred, GaussianPredictive):  # no closed form: L-BFGS on log s
             start = torch.as_tensor(scale, dtype=torch.float64).clamp_min(1e-12).log()
             log_scale = start.to(target.device).clone().requires_grad_()
             _minimize([log_scale], lambda: _scaled_nll(pred, target, log_scale))

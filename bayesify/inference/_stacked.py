@@ -10,7 +10,9 @@ gradient clipping and the divergence guard are applied per member.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +22,17 @@ from torch.func import functional_call, stack_module_state, vmap
 from bayesify.fitting import NonFiniteStep
 
 __all__ = ["StackedMembers", "batchnorm_layers"]
+
+
+@contextlib.contextmanager
+def quiet_batching_fallbacks() -> Iterator[None]:
+    """Silence torch's note that an operator (CPU scaled-dot-product attention, say) has
+    no vmap batching rule and runs in a loop: the result is right, the note is torch's
+    performance advice, and a user's warnings-as-errors suite should not fail on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop because we have not "
+                                "yet implemented the batching rule", UserWarning)
+        yield
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
@@ -84,7 +97,8 @@ class StackedMembers:
         def one(state: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(self._template, state, (x, y))
 
-        return vmap(one, randomness="different")(self._state)
+        with quiet_batching_fallbacks():
+            return vmap(one, randomness="different")(self._state)
 
     def clip_gradients(self, clip: float | None) -> torch.Tensor:
         """Per-member total gradient norms [M] (before clipping), clipping each member

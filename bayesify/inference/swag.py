@@ -43,7 +43,7 @@ from bayesify.core import BayesianModel, preserve_training_flags, register_metho
 from bayesify.errors import InputError, NotFittedError
 from bayesify.fitting import check_finite_loss, gradient_norm
 from bayesify.inference._sampled import sampled_posterior
-from bayesify.inference._stacked import batchnorm_layers
+from bayesify.inference._stacked import batchnorm_layers, quiet_batching_fallbacks
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
 from bayesify.posterior import SampledPosterior
 
@@ -321,8 +321,9 @@ class SWAGModel(NetworkLikelihoodMixin, BayesianModel):
         layers = batchnorm_layers(self.model)
         if not layers:
             try:
-                return sampled_posterior(self, vmap(
-                    lambda w: self.call_network(x, params=w), randomness="error")(draws))
+                with quiet_batching_fallbacks():
+                    return sampled_posterior(self, vmap(
+                        lambda w: self.call_network(x, params=w), randomness="error")(draws))
             except RuntimeError:
                 pass        # a network vmap cannot trace: one draw at a time below
         names = [f"{prefix}.{n}" if prefix else n

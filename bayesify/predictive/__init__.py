@@ -22,12 +22,14 @@ marginal log densities over the output dimension and returns one value per point
 
 from bayesify.predictive.base import Predictive
 from bayesify.predictive.categorical import CategoricalPredictive
+from bayesify.predictive.generalized import GeneralizedGaussianPredictive
 from bayesify.predictive.mixture import MixturePredictive
 from bayesify.predictive.regression import GaussianPredictive, RegressionPredictive
 
 __all__ = [
     "CategoricalPredictive",
     "GaussianPredictive",
+    "GeneralizedGaussianPredictive",
     "MixturePredictive",
     "Predictive",
     "RegressionPredictive",

@@ -34,6 +34,7 @@ through its forward, trains it too.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -42,12 +43,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bayesify._batching import TensorBatches, make_train_batches
-from bayesify._validation import as_tensor, check_choice, check_labels, check_positive_float
+from bayesify._memory import DEFAULT_MAX_MEMORY, check_memory, parse_memory
+from bayesify._validation import (
+    as_tensor,
+    check_choice,
+    check_labels,
+    check_positive_float,
+    check_positive_int,
+)
 from bayesify.core import BayesianModel, register_method
 from bayesify.errors import InputError, NotPSDError, UnsupportedModelError
 from bayesify.fitting import NonFiniteStep
 from bayesify.inference._heads import find_head, run_to_head
 from bayesify.layers.vbll_classification import VBLLDiscriminative, VBLLGenerative
+from bayesify.layers.vbll_covariance import COVARIANCES
 from bayesify.layers.vbll_regression import VBLLRegression
 from bayesify.likelihoods import CategoricalLikelihood, GaussianLikelihood, regression_targets
 from bayesify.posterior import GaussianPosterior
@@ -58,6 +67,39 @@ KINDS = ("discriminative", "generative")
 
 # Rows per forward pass when caching the features of in-memory training data.
 _CACHE_BATCH = 1024
+
+
+#: The most entries the m dense d×d covariances may hold for "dense" to be the default.
+DENSE_DEFAULT_LIMIT = 10**7
+_CHEAPER = {
+    "dense": "covariance='lowrank' (rank r: m·d·(r+1) entries) or 'diagonal' (m·d) fits",
+    "lowrank": "a smaller `rank` or covariance='diagonal' fits",
+    "diagonal": "a smaller head, or freeze_backbone with fewer classes, fits",
+}
+_logger = logging.getLogger("bayesify")
+
+
+def _default_covariance(covariance: str | None, kind: str, m: int, d: int) -> str:
+    """The user's choice (checked), or the size rule of the class docstring."""
+    if covariance is not None:
+        return check_choice(covariance, "covariance", COVARIANCES)
+    if kind == "generative":
+        return "diagonal"
+    if m * d * d <= DENSE_DEFAULT_LIMIT:
+        return "dense"
+    _logger.warning(
+        "vbll: a dense covariance for %d rows of dimension %d would hold %.1e entries "
+        "(over %.0e), so the head uses covariance='diagonal'; pass covariance='lowrank' "
+        "or 'dense' to choose", m, d, m * d * d, DENSE_DEFAULT_LIMIT)
+    return "diagonal"
+
+
+def _head_bytes(covariance: str, m: int, d: int, rank: int | None, itemsize: int) -> float:
+    """Training-state bytes of a VBLL head: mean, covariance factors, noise, each with a
+    gradient and AdamW's two moments (4 copies)."""
+    factors = {"dense": d * d, "diagonal": d,
+               "lowrank": d * (1 + (rank or min(d, 10)))}[covariance]
+    return 4 * itemsize * m * (d + factors + 2)
 
 
 @register_method("vbll")
@@ -74,8 +116,12 @@ class VBLLModel(BayesianModel):
         head: name of the linear module to replace (default: the last ``nn.Linear``).
         freeze_backbone: train the head alone on cached features (default) or the head
             and the backbone jointly.
-        covariance: ``"dense"``, ``"diagonal"`` or ``"lowrank"`` (default ``"dense"``;
-            ``"diagonal"`` for the generative head, as in the paper).
+        covariance: ``"dense"``, ``"diagonal"`` or ``"lowrank"``. By default
+            ``"dense"`` while the m dense d×d covariances hold at most 10⁷ entries
+            (m·d² ≤ 10⁷: a 128-wide head with 100 classes), else ``"diagonal"`` (a
+            ResNet-50 head, d = 2048 and m = 1000, would need 4·10⁹ entries, 16 GB in
+            float32); ``"diagonal"`` for the generative head, as in the paper. The
+            choice shows in ``repr`` and is logged once on the ``bayesify`` logger.
         rank: rank of the low-rank part (``"lowrank"`` only).
         prior_scale, wishart_scale, dof: the priors (paper defaults; wishart_scale is
             1e-2 for regression and 1 for classification when ``None``).
@@ -83,6 +129,9 @@ class VBLLModel(BayesianModel):
             Monte Carlo size; ``predict(num_samples=)`` overrides it per call).
         scale_lr: learning-rate multiplier of the head's log-scale parameters in the
             default optimizer (see :meth:`configure_optimizer`).
+        max_memory: refuse a head whose training state (parameters, gradients and
+            AdamW's two moments) would exceed this many bytes (or "2GB"-style sizes),
+            before allocating it, naming the cheaper covariance.
         n_data: N, the training-set size; the ELBO's regularization weight is 1/N.
             Inferred by ``fit``; needed up front only for users' own loops.
 
@@ -113,6 +162,7 @@ class VBLLModel(BayesianModel):
                  covariance: str | None = None, rank: int | None = None,
                  prior_scale: float = 1.0, wishart_scale: float | None = None,
                  dof: float = 1.0, num_samples: int = 100, scale_lr: float = 10.0,
+                 max_memory: int | float | str = DEFAULT_MAX_MEMORY,
                  n_data: int | None = None):
         if model is None:
             raise InputError("`model` is None; the vbll method needs a network to wrap")
@@ -124,14 +174,19 @@ class VBLLModel(BayesianModel):
         self.kind = "regression" if task == "regression" else kind
         self.head_name, linear = find_head(model, head)
         self.freeze_backbone = bool(freeze_backbone)
-        if covariance is None:
-            covariance = "diagonal" if self.kind == "generative" else "dense"
+        d, m = linear.in_features, linear.out_features
+        covariance = _default_covariance(covariance, self.kind, m, d)
+        if rank is not None:
+            rank = check_positive_int(rank, "rank")
+        check_memory(_head_bytes(covariance, m, d, rank, linear.weight.element_size()),
+                     f"a {covariance} VBLL head ({m} rows of dimension {d})",
+                     parse_memory(max_memory), _CHEAPER[covariance])
+        self.covariance = covariance
         if wishart_scale is None:
             wishart_scale = 1e-2 if task == "regression" else 1.0
         factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
         options = {"covariance": covariance, "rank": rank, "prior_scale": prior_scale,
                    "wishart_scale": wishart_scale, "dof": dof, **factory}
-        d, m = linear.in_features, linear.out_features
         if self.kind == "generative":
             self.vbll = VBLLGenerative(d, m, **options)
         else:
@@ -330,4 +385,4 @@ class VBLLModel(BayesianModel):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, kind={self.kind!r}, head={self.head_name!r}, "
-                f"freeze_backbone={self.freeze_backbone}")
+                f"covariance={self.covariance!r}, freeze_backbone={self.freeze_backbone}")

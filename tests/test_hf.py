@@ -45,6 +45,9 @@ METHODS: dict[str, tuple[dict, dict, dict]] = {
     "laplace": ({}, {}, {}),            # post hoc: one pass over the data
     "mc_dropout": ({}, ONE_EPOCH, {"num_samples": 3}),
     "ivon": ({"recipe": "finetune"}, {"epochs": 1}, {"num_samples": 3}),
+    # Last-layer methods on BERT's classifier, read through a hook on its input.
+    "vbll": ({}, {"epochs": 2}, {"num_samples": 3}),
+    "gp": ({"num_inducing": 8}, {"epochs": 2, "lr": 1e-2}, {"num_samples": 3}),
 }
 #: Methods that wrap a PEFT LoRA model (``deterministic`` checks the test itself).
 LORA_METHODS = ["deterministic", "ivon", "mc_dropout"]

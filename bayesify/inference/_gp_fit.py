@@ -1,11 +1,10 @@
 """The data side of the ``"gp"`` method: scaling features and targets the way BoTorch's
 ``SingleTaskGP`` does, the whole training set as one batch for an exact GP, and the
 exact GP's hyperparameter fit by SciPy's L-BFGS-B from several starts (the prior modes,
-then prior draws)."""
+then prior draws), in float64 with closed-form gradients."""
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -16,13 +15,22 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
-from bayesify._batching import TensorBatches
+from bayesify._batching import TensorBatches, cat_inputs, num_rows
+from bayesify._linalg import psd_cholesky
+from bayesify._math import LOG_2PI
+from bayesify._progress import progress_bar
 from bayesify._validation import as_tensor
 from bayesify.errors import BayesifyWarning, InputError, NotPSDError
-from bayesify.layers.gp import ExactGPHead
+from bayesify.layers.gp import (
+    ExactGPHead,
+    _scaled_sqdist,
+    lengthscale_prior,
+    noise_prior,
+)
 
 __all__ = [
     "check_input_bounds",
+    "exact_objective_and_grad",
     "first_rows",
     "fit_exact_hyperparameters",
     "lbfgsb",
@@ -77,12 +85,12 @@ def first_rows(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int
     for x, y in batches:
         xs.append(x)
         ys.append(y)
-        rows += x.shape[0]
+        rows += num_rows(x)
         if rows >= limit:
             break
     if not xs:
         raise InputError("`train` is empty; pass at least one training example")
-    return torch.cat(xs), torch.cat(ys)
+    return cat_inputs(xs), torch.cat(ys)
 
 
 def whole_training_set(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -96,8 +104,8 @@ def whole_training_set(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     pairs = list(batches)
     if not pairs:
         raise InputError("`train` is empty; pass at least one training example")
-    x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    n = int(x.shape[0])
+    x, y = cat_inputs([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    n = num_rows(x)
     if batch_size is not None and batch_size < n:
         raise InputError(f"`batch_size`={batch_size} does not apply to inference='exact': "
                          f"its marginal likelihood takes all {n} training rows per step; "
@@ -119,7 +127,7 @@ def standardizer(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def lbfgsb(params: list[nn.Parameter], lower: list[float | None],
            objective: Callable[[], torch.Tensor], max_iter: int) -> float:
-    """Minimize ``objective()`` over ``params`` with SciPy's L-BFGS-B.
+    """Minimize ``objective()`` over ``params`` with SciPy's L-BFGS-B (autograd gradients).
 
     Args:
         params: the parameters to move (any shape, dtype and device).
@@ -153,10 +161,79 @@ def lbfgsb(params: list[nn.Parameter], lower: list[float | None],
     return float(result.fun)
 
 
+def _kernel_and_weight(kind: str, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k(r²) and −2 dk/d(r²) [..., N, M] of the unit-variance kernel at squared scaled
+    distances r2 (the second is dK/d log ℓⱼ divided by the j-th scaled squared distance)."""
+    if kind == "rbf":
+        k = torch.exp(-0.5 * r2)
+        return k, k
+    r = r2.sqrt() * math.sqrt(5)  # Matérn 5/2
+    decay = torch.exp(-r)
+    return (1 + r + r.pow(2) / 3) * decay, (5 / 3) * (1 + r) * decay
+
+
+def _lognormal_terms(prior: torch.distributions.LogNormal, log_value: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log p(v), d log p / d log v) of a LogNormal prior at v = exp(log_value)."""
+    mu, sigma = float(prior.loc), float(prior.scale)
+    value = (-log_value - math.log(sigma) - 0.5 * LOG_2PI
+             - (log_value - mu) ** 2 / (2 * sigma**2)).sum()
+    return value, -1 - (log_value - mu) / sigma**2
+
+
+def exact_objective_and_grad(head: ExactGPHead, z: torch.Tensor, y: torch.Tensor,
+                             log_lengthscale: torch.Tensor, log_noise: torch.Tensor,
+                             mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``head.objective`` at given hyperparameters, with its gradient in closed form.
+
+    With W = K⁻¹ − ααᵀ (α = K⁻¹r), d(−log p(y))/dθ = ½ tr(W dK/dθ); the lengthscale
+    terms Σᵢₖ Mᵢₖ (zᵢⱼ − zₖⱼ)² (M = W ∘ −2 dk/dr²) reduce to one product M z, so an
+    evaluation costs one Cholesky, one inverse and O(N²d), without an autograd graph.
+
+    Args:
+        head: supplies the kernel, the dimension (priors) and whether noise is fixed.
+        z: features [N, d]; y: standardized targets [N, D] (same dtype as the rest).
+        log_lengthscale: [D, 1, d or 1]; log_noise: [D]; mean: [D].
+
+    Returns:
+        (objective, gradients by parameter name), the objective a 0-dim tensor.
+    """
+    n = z.shape[0]
+    scale = log_lengthscale.exp()
+    scaled = z.unsqueeze(0) / scale  # [D, N, d]
+    k, weight = _kernel_and_weight(head.kernel, _scaled_sqdist(scaled, scaled))
+    noise = log_noise.exp()
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    factor = psd_cholesky(k + noise[:, None, None] * eye, name="kernel matrix", warn=False)
+    residual = (y - mean).transpose(0, 1).unsqueeze(-1)  # [D, N, 1]
+    alpha = torch.cholesky_solve(residual, factor)
+    logdet = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    nll = (0.5 * (residual * alpha).sum((-1, -2)) + logdet + 0.5 * n * LOG_2PI).sum()
+    w = torch.cholesky_inverse(factor) - alpha @ alpha.transpose(-1, -2)  # [D, N, N]
+    m = w * weight
+    per_dim = (scaled.pow(2) * m.sum(-1, keepdim=True)).sum(-2) - (scaled * (m @ scaled)).sum(-2)
+    grad_ls = per_dim.sum(-1, keepdim=True) if log_lengthscale.shape[-1] == 1 else per_dim
+    ls_prior, ls_prior_grad = _lognormal_terms(lengthscale_prior(head.dim), log_lengthscale)
+    grads = {"log_lengthscale": grad_ls.reshape(log_lengthscale.shape) - ls_prior_grad,
+             "mean": -alpha.sum((-1, -2))}
+    value = nll - ls_prior
+    if head.fixed_noise is None:
+        noise_value, noise_prior_grad = _lognormal_terms(noise_prior(), log_noise)
+        grads["log_noise"] = 0.5 * noise * w.diagonal(dim1=-2, dim2=-1).sum(-1) - noise_prior_grad
+        value = value - noise_value
+    return value / n, {name: g / n for name, g in grads.items()}
+
+
 def fit_exact_hyperparameters(head: ExactGPHead, z: torch.Tensor, y: torch.Tensor, *,
-                              num_restarts: int, seed: int | None) -> float:
+                              num_restarts: int, seed: int | None,
+                              progress: bool | None = False) -> float:
     """Fit an exact GP's hyperparameters by L-BFGS-B on its objective (negative log
     marginal likelihood plus priors, over N), keeping the best of several starts.
+
+    The fit runs in float64 whatever the head's dtype (a float32 kernel matrix is too
+    ill-conditioned for the line search to converge), with closed-form gradients and
+    SciPy's default tolerances (as BoTorch's ``fit_gpytorch_mll``); the result is cast
+    back into the head.
 
     Args:
         head: the GP head (its hyperparameters are overwritten).
@@ -165,6 +242,7 @@ def fit_exact_hyperparameters(head: ExactGPHead, z: torch.Tensor, y: torch.Tenso
         num_restarts: starts: the prior modes, then prior draws; if every start fails,
             further draws up to ``MAX_STARTS`` in all.
         seed: seeds the prior draws (0 when ``None``, so fits repeat).
+        progress: a progress bar over the starts (``None``: the global setting).
 
     Returns:
         The best objective value.
@@ -172,25 +250,52 @@ def fit_exact_hyperparameters(head: ExactGPHead, z: torch.Tensor, y: torch.Tenso
     Raises:
         NotPSDError: every start failed to factorize its kernel matrix.
     """
-    params = [p for p in (head.log_lengthscale, head.log_noise, head.mean) if p.requires_grad]
-    bounds = head.lower_bounds()
-    lower = [bounds.get(name) for name, p in head.named_parameters() if p.requires_grad]
+    names = [name for name, p in head.named_parameters() if p.requires_grad]
+    params = dict(head.named_parameters())
+    bounds_by_name = head.lower_bounds()
+    bounds = [(bounds_by_name.get(name), None) for name in names
+              for _ in range(params[name].numel())]
+    shapes = [params[name].shape for name in names]
+    splits = np.cumsum([params[name].numel() for name in names])[:-1]
+    z64, y64 = z.detach().double(), y.detach().double()
+    fixed = {name: p.detach().double() for name, p in params.items()}
+
+    def unpack(flat: np.ndarray) -> dict[str, torch.Tensor]:
+        values = dict(fixed)
+        for name, shape, chunk in zip(names, shapes, np.split(flat, splits), strict=True):
+            values[name] = torch.from_numpy(chunk).to(z64.device).reshape(shape)
+        return values
+
+    def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grads = exact_objective_and_grad(head, z64, y64, **unpack(flat))
+        flat_grad = torch.cat([grads[name].reshape(-1) for name in names])
+        return float(value), flat_grad.cpu().numpy()
+
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    best: tuple[float, np.ndarray] | None = None
     error: Exception | None = None
-    for attempt in range(max(num_restarts, MAX_STARTS)):
+    bar = progress_bar(range(max(num_restarts, MAX_STARTS)), desc="GP hyperparameters",
+                       progress=progress, total=num_restarts, unit="start")
+    for attempt in bar:
         if attempt >= num_restarts and best is not None:
             break
         head.reset_parameters(None if attempt == 0 else generator)
+        fixed = {name: p.detach().double() for name, p in params.items()}
+        start = torch.cat([fixed[name].reshape(-1) for name in names]).cpu().numpy()
         try:
-            value = lbfgsb(params, lower, lambda: head.objective(z, y, warn=False),
-                           max_iter=MAX_ITER)
+            result = minimize(fun, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                              options={"maxiter": MAX_ITER})
         except NotPSDError as exc:  # this start diverged; the others may not
             error = exc
             continue
-        if math.isfinite(value) and (best is None or value < best[0]):
-            best = (value, copy.deepcopy(head.state_dict()))
+        if math.isfinite(result.fun) and (best is None or result.fun < best[0]):
+            best = (float(result.fun), result.x.copy())
+            bar.set_postfix(best=f"{best[0]:.4g}")
+    bar.close()
     if best is None:
         raise NotPSDError(f"every GP hyperparameter fit failed: {error}")
-    head.load_state_dict(best[1])
+    with torch.no_grad():
+        for name, value in unpack(best[1]).items():
+            params[name].copy_(value)
+    head.clamp_()  # also clears the head's solve cache
     return best[0]

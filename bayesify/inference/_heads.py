@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesify._network import OutputFn, call_network
 from bayesify.core import preserve_training_flags
 from bayesify.errors import InputError, UnsupportedModelError
 
@@ -72,14 +73,16 @@ class HeadOutput:
                 and out.shape == head.shape and torch.equal(out, head))
 
 
-def run_to_head(model: nn.Module, head_name: str, x: torch.Tensor, *,
-                frozen: bool) -> HeadOutput:
-    """Run ``model(x)`` and capture the input of its submodule ``head_name``.
+def run_to_head(model: nn.Module, head_name: str, x: Any, *, frozen: bool,
+                output: OutputFn | None = None) -> HeadOutput:
+    """Run the network on ``x`` and capture the input of its submodule ``head_name``.
 
     Args:
         model: the wrapped network.
         head_name: the head's name in ``model.named_modules()``.
-        x: inputs [N, ...] (differentiable through the capture).
+        x: inputs [N, ...], or a mapping/tuple of them (differentiable through the
+            capture); the network runs through :func:`bayesify._network.call_network`,
+            so its output is reduced to a tensor by ``output`` or the default rule.
         frozen: run the network in eval mode (its flags are restored afterwards), so a
             frozen backbone's BatchNorm statistics are used, never updated.
 
@@ -97,9 +100,9 @@ def run_to_head(model: nn.Module, head_name: str, x: torch.Tensor, *,
         if frozen:
             with preserve_training_flags(model):
                 model.eval()
-                output = model(x)
+                result = call_network(model, x, output=output)
         else:
-            output = model(x)
+            result = call_network(model, x, output=output)
     finally:
         handle.remove()
     if not captured or not isinstance(captured[-1][0], torch.Tensor):
@@ -107,4 +110,4 @@ def run_to_head(model: nn.Module, head_name: str, x: torch.Tensor, *,
             f"the model's forward never called its head {head_name!r} with a tensor; pass "
             "`head=` naming the final linear layer the forward uses")
     phi, head_output = captured[-1]
-    return HeadOutput(phi, head_output, output)
+    return HeadOutput(phi, head_output, result)

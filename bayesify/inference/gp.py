@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesify._batching import num_rows
 from bayesify._validation import (
     check_choice,
     check_labels,
@@ -171,10 +172,11 @@ class GPModel(BayesianModel):
         if self.model is None:
             z = x
         elif self.head_name is None:
-            z = self.model(x)
+            z = self.call_network(x)
         else:
             frozen = not self._backbone_params()
-            z = run_to_head(self.model, self.head_name, x, frozen=frozen).features
+            z = run_to_head(self.model, self.head_name, x, frozen=frozen,
+                            output=self.output).features
         z = z.reshape(z.shape[0], -1)
         if self.feature_lower.numel():
             z = (z - self.feature_lower) / self.feature_range
@@ -246,7 +248,7 @@ class GPModel(BayesianModel):
         z, y_std = self._setup(x, y)
         self.gp = self._exact_head(z.shape[1], y_std.shape[1])
         fit_exact_hyperparameters(self.gp, z, y_std, num_restarts=self.num_restarts,
-                                  seed=seed)
+                                  seed=seed, progress=progress)
         self.gp.set_train_data(z, y_std)
 
     def on_fit_start(self, batches: Any) -> None:
@@ -325,7 +327,7 @@ class GPModel(BayesianModel):
         else:
             y = self._standardize(y)
         elbo = gpytorch.mlls.VariationalELBO(self.gp_likelihood, self.gp,
-                                             num_data=int(self.n_data or x.shape[0]))
+                                             num_data=int(self.n_data or num_rows(x)))
         return -elbo(self.gp(z), y)
 
     # ----------------------------------------------------------------- posterior

@@ -214,7 +214,8 @@ class VBLLModel(BayesianModel):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input φ [B, d] for inputs x [B, ...] (differentiable in x)."""
-        seen = run_to_head(self.model, self.head_name, x, frozen=self.freeze_backbone)
+        seen = run_to_head(self.model, self.head_name, x, frozen=self.freeze_backbone,
+                           output=self.output)
         if not self._verified:
             if not seen.output_is_head_output:
                 raise UnsupportedModelError(

@@ -27,27 +27,7 @@ from torch import nn
 
 from bayesify.errors import InputError, UnsupportedModelError
 
-__all__ = ["LoraFactor", "call_network", "find_lora_layers", "lora_noise", "repeat_batch"]
-
-
-def call_network(model: nn.Module, x: Any) -> torch.Tensor:
-    """The network's raw output for a batch: ``model(x)`` for a tensor, ``model(**x)``
-    for a dict batch (HF), reading ``.logits`` off a model output object."""
-    out = model(**x) if isinstance(x, Mapping) else model(x)
-    if not isinstance(out, torch.Tensor):
-        logits = getattr(out, "logits", None)
-        if not isinstance(logits, torch.Tensor):
-            raise InputError(f"the model returned {type(out).__name__}; tfb needs a tensor "
-                             "or an output with `.logits`")
-        out = logits
-    return out
-
-
-def batch_rows(x: Any) -> int:
-    """N, the rows of a tensor batch or of the first tensor of a dict batch."""
-    if isinstance(x, Mapping):
-        return int(next(v for v in x.values() if isinstance(v, torch.Tensor)).shape[0])
-    return int(x.shape[0])
+__all__ = ["LoraFactor", "find_lora_layers", "lora_noise", "repeat_batch"]
 
 
 def repeat_batch(x: Any, times: int) -> Any:

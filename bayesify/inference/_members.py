@@ -4,6 +4,7 @@ per-member re-initialization (the rule is documented in :mod:`bayesify.inference
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any
 
@@ -13,7 +14,8 @@ from torch import nn
 from bayesify.core import BayesianModel, resolve_method
 from bayesify.errors import BayesifyWarning, InputError, UnsupportedModelError
 
-__all__ = ["check_base_options", "member_seeds", "reinitialize", "resolve_base"]
+__all__ = ["check_base_options", "member_seeds", "reinitialize", "reinitialize_adapters",
+           "resolve_base"]
 
 
 def member_seeds(seed: int, members: int) -> list[int]:
@@ -81,3 +83,19 @@ def reinitialize(net: nn.Module, how: str | None, head: str | None) -> None:
         if kept:
             warnings.warn(f"reinitialize='all' kept the weights of {', '.join(kept[:5])}, "
                           "which have no reset_parameters()", BayesifyWarning, stacklevel=4)
+
+
+@torch.no_grad()
+def reinitialize_adapters(net: nn.Module) -> None:
+    """Re-draw every active LoRA adapter of ``net`` as peft's default initialization
+    does: A [r, in] Kaiming-uniform (a = √5), B [out, r] zero. Nothing else changes."""
+    from bayesify.inference.laplace import lora_modules
+
+    for name in lora_modules(net):
+        layer = net.get_submodule(name)
+        if ".lora_A." in f".{name}.":
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(layer.weight)
+        if getattr(layer, "bias", None) is not None:
+            nn.init.zeros_(layer.bias)

@@ -6,6 +6,9 @@ under :func:`torch.func.vmap` over :func:`torch.func.functional_call`, so one fo
 one backward and one optimizer step serve all members. Optimizers that act elementwise
 (SGD, Adam, AdamW) then take exactly the steps each member's own optimizer would take;
 gradient clipping and the divergence guard are applied per member.
+
+A parameter that is the same tensor in every member (the frozen base of LoRA members,
+see :mod:`bayesify.inference.ensemble`) is not stacked: the members read it in place.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 
 from bayesify.fitting import NonFiniteStep
 
@@ -41,6 +44,13 @@ def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One new leaf [M, ...], trainable when every member's tensor is (as
+    :func:`torch.func.stack_module_state` builds it)."""
+    stacked = torch.stack([t.detach() for t in tensors])
+    return stacked.requires_grad_(all(t.requires_grad for t in tensors))
+
+
 class _TrainingLoss(nn.Module):
     """``forward(x, y)`` is the member's ``training_loss``, so ``functional_call`` can
     swap in one member's weights at a time."""
@@ -61,13 +71,18 @@ class StackedMembers:
 
     Attributes:
         params: name -> stacked parameter [M, ...] (new leaves; trainable where every
-            member's parameter is).
+            member's parameter is). Parameters shared by all members are left out.
         buffers: name -> stacked buffer [M, ...].
     """
 
     def __init__(self, members: Sequence[nn.Module]):
         self.members = list(members)
-        params, buffers = stack_module_state(self.members)
+        every = [dict(m.named_parameters()) for m in self.members]
+        params = {name: _stack([own[name] for own in every]) for name, first in
+                  every[0].items() if not all(own[name] is first for own in every[1:])}
+        own_buffers = [dict(m.named_buffers()) for m in self.members]
+        buffers = {name: torch.stack([own[name] for own in own_buffers]) for name in
+                   own_buffers[0]}
         self.params: dict[str, torch.Tensor] = params
         self.buffers: dict[str, torch.Tensor] = buffers
         self._template = _TrainingLoss(self.members[0])
@@ -126,7 +141,8 @@ class StackedMembers:
         """Copy the stacked state into the members' own parameters and buffers."""
         for index, member in enumerate(self.members):
             for name, tensor in member.named_parameters():
-                tensor.copy_(self.params[name][index])
+                if name in self.params:
+                    tensor.copy_(self.params[name][index])
             for name, tensor in member.named_buffers():
                 if name in self.buffers:
                     tensor.copy_(self.buffers[name][index])

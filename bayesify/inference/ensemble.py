@@ -31,6 +31,16 @@ once) or ``training="sequential"``. Bases with their own step, optimizer or batc
 (ivon, swag, vbll, ...) and full-batch bases train one member after another, member m
 with ``fit(seed=member_seeds(seed, M)[m])``: its own batch order and randomness, so
 even identical copies (``reinitialize=None``) become distinct members.
+
+LoRA models (``peft``). When the network has LoRA adapters, the members share its frozen
+weights (every parameter with ``requires_grad=False``: the base model): each member is a
+copy whose frozen parameters are the wrapped model's own tensors, so memory stays one
+model plus M sets of adapters (and of any other trainable weights, such as peft's
+``modules_to_save``). ``reinitialize="head"`` or ``"all"`` then re-draws each member's
+adapters as peft initializes them (A Kaiming-uniform, B = 0, so every member starts at
+the base model's function), never touching the shared base; ``None`` keeps the
+wrapped adapters in every member. Batched training stacks only the members' own
+weights.
 """
 
 from __future__ import annotations
@@ -54,9 +64,15 @@ from bayesify.fitting import (
     NonFiniteStep,
     check_finite_loss,
 )
-from bayesify.inference._members import check_base_options, member_seeds, resolve_base
+from bayesify.inference._members import (
+    check_base_options,
+    member_seeds,
+    reinitialize_adapters,
+    resolve_base,
+)
 from bayesify.inference._members import reinitialize as reinitialize_network
 from bayesify.inference._stacked import StackedMembers
+from bayesify.inference.laplace import lora_modules
 from bayesify.likelihoods import DEFAULT_LOGIT_SAMPLES, GaussianLikelihood
 from bayesify.posterior import SampledPosterior
 
@@ -157,6 +173,10 @@ class EnsembleModel(BayesianModel):
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         devices = [device.index or 0] if device.type == "cuda" else []
         self._rng_devices = devices
+        lora = bool(lora_modules(model))
+        #: Whether the members share the wrapped LoRA model's frozen base weights.
+        self.shares_base = lora
+        frozen = [p for p in model.parameters() if not p.requires_grad]
         built = []
         for member_seed in member_seeds(seed, count):
             options = dict(base_options)
@@ -166,8 +186,13 @@ class EnsembleModel(BayesianModel):
                 options["n_data"] = n_data
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(member_seed)
-                net = copy.deepcopy(model)
-                reinitialize_network(net, reinitialize, base_options.get("head"))
+                if lora:
+                    net = copy.deepcopy(model, {id(p): p for p in frozen})
+                    if reinitialize is not None:
+                        reinitialize_adapters(net)
+                else:
+                    net = copy.deepcopy(model)
+                    reinitialize_network(net, reinitialize, base_options.get("head"))
                 built.append(base_cls(net, task, **options))
         self.members = nn.ModuleList(built)
         self.output, self.label_key = self.output, self.label_key  # reach the members

@@ -56,6 +56,8 @@ from bayesify.core import BayesianModel, preserve_training_flags, register_metho
 from bayesify.errors import InputError, NotFittedError, UnsupportedModelError
 from bayesify.fitting import CLOSED_FORM, FitStrategy
 from bayesify.inference._heads import find_head
+from bayesify.inference._lora_noise import _active_adapters as active_adapters
+from bayesify.inference._lora_noise import _is_lora_layer as is_lora_layer
 from bayesify.inference.laplace_fit import fit_curvature
 from bayesify.inference.laplace_likelihood import LaplaceCategoricalLikelihood
 from bayesify.inference.laplace_predict import LaplacePredictionMixin
@@ -70,7 +72,20 @@ from bayesify.layers.laplace_layout import (
 from bayesify.layers.laplace_structures import STRUCTURES
 from bayesify.likelihoods import GaussianLikelihood, regression_targets
 
-__all__ = ["LaplaceModel"]
+__all__ = ["LaplaceModel", "lora_modules"]
+
+
+def lora_modules(model: nn.Module) -> list[str]:
+    """The module names of the A and B factors (``nn.Linear``) of every active LoRA
+    adapter on a Linear layer (peft's layout: ``<layer>.lora_A.<adapter>``), or []."""
+    names = []
+    for name, module in model.named_modules():
+        if not is_lora_layer(module):
+            continue
+        for adapter in active_adapters(module):
+            if adapter in module.lora_A:
+                names += [f"{name}.lora_A.{adapter}", f"{name}.lora_B.{adapter}"]
+    return names
 
 
 @register_method("laplace")
@@ -80,10 +95,13 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
     Args:
         model: a trained network outputting logits [N, C] or means [N, D] (or [N]).
         task: ``"classification"`` or ``"regression"``.
-        subset: ``"last_layer"`` (default; the head from ``head=``, else the last
-            ``nn.Linear``), ``"all"`` (every weight with ``requires_grad``), a list of
-            module names, or ``"subnetwork"`` (a full Laplace over the
-            ``subnetwork_size`` weights with the largest variances under a diagonal one).
+        subset: ``"last_layer"`` (the head from ``head=``, else the last ``nn.Linear``;
+            the default for a model without LoRA adapters), ``"lora"`` (the A and B
+            factors of every active LoRA adapter, e.g. of a ``peft`` model; the default
+            when the model has any: the base weights stay fixed, with K-FAC per factor),
+            ``"all"`` (every weight with ``requires_grad``), a list of module names, or
+            ``"subnetwork"`` (a full Laplace over the ``subnetwork_size`` weights with
+            the largest variances under a diagonal one).
         hessian: ``"kron"`` (K-FAC; default), ``"full"`` (default for ``"subnetwork"``),
             ``"diag"`` or ``"lowrank"`` (top ``rank`` eigenpairs).
         curvature: ``"ggn"`` (generalized Gauss-Newton, default) or ``"ef"`` (empirical
@@ -106,7 +124,7 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
 
     supports_joint = True
 
-    def __init__(self, model: nn.Module, task: str, *, subset: Any = "last_layer",
+    def __init__(self, model: nn.Module, task: str, *, subset: Any = None,
                  hessian: str | None = None, curvature: str = "ggn",
                  approximation: str = "probit", predictive: str = "glm",
                  prior_precision: Any = 1.0, sigma_noise: Any = None,
@@ -117,6 +135,13 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
         if model is None:
             raise InputError("`model` is None; the Laplace method needs a trained network")
         super().__init__(model, task, n_data=n_data)
+        lora = lora_modules(model)
+        if subset is None:
+            subset = "lora" if lora else "last_layer"
+        if subset == "lora" and not lora:
+            raise UnsupportedModelError(
+                "subset='lora' covers the LoRA adapters, and the model has none (peft's "
+                "get_peft_model with a LoraConfig adds them); use subset='last_layer'")
         self.subset = subset if isinstance(subset, str) else list(subset) \
             if isinstance(subset, list | tuple) else subset
         self.head_name = None
@@ -124,7 +149,8 @@ class LaplaceModel(LaplacePredictionMixin, LaplaceTuningMixin, BayesianModel):
             raise InputError(f"`head` applies to subset='last_layer', got subset={subset!r}")
         if subset == "last_layer":
             self.head_name = find_head(model, head)[0]
-        self.layout = ParameterLayout(model, resolve_subset(model, self.subset, self.head_name))
+        self.layout = ParameterLayout(model, resolve_subset(
+            model, lora if subset == "lora" else self.subset, self.head_name))
         self.last_layer = subset == "last_layer"
         default = "full" if subset == "subnetwork" else "kron"
         self.hessian = check_choice(default if hessian is None else hessian, "hessian",

@@ -6,6 +6,10 @@ the head's features for a last layer (never a [B, C, P] Jacobian) and from
 ``torch.func`` Jacobians otherwise, in chunks sized to ``max_memory``; joint over the q
 points of each block for regression; or the network at weights θ ~ N(θ_MAP, Σ)
 (``predictive="nn"``).
+
+Jacobians are per-point under ``vmap``; a network with data-dependent control flow that
+vmap cannot trace (HuggingFace's SDPA attention checks its padding mask with
+``mask.all()``) gets them one point at a time instead (same values, slower).
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.func import jacrev
 
 from bayesify._batching import num_rows, take_rows
+from bayesify._network import call_network
 from bayesify.core import preserve_training_flags
 from bayesify.inference.laplace_fit import chunk_rows
 from bayesify.layers.laplace_curvature import as_outputs, batch_jacobian
@@ -22,7 +28,27 @@ from bayesify.layers.laplace_layout import check_memory
 from bayesify.layers.laplace_posterior import factor_dtype
 from bayesify.posterior import GaussianPosterior, Posterior, SampledPosterior, reshape_points
 
-__all__ = ["LaplacePredictionMixin"]
+__all__ = ["LaplacePredictionMixin", "looped_jacobian"]
+
+
+def looped_jacobian(model: Any, layout: Any, x: Any, index: torch.Tensor | None = None,
+                    *, output: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`~bayesify.layers.laplace_curvature.batch_jacobian` returns, ``(f [B,
+    K], J [B, K, P])``, one point at a time (no vmap over the inputs)."""
+    params = {n: p.detach() for n, p in layout.parameters().items()}
+
+    def single(p: dict[str, torch.Tensor], xi: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = call_network(model, xi, params=p, output=output).reshape(-1)
+        return out, out
+
+    jacs, outs = [], []
+    for i in range(num_rows(x)):
+        jac, f = jacrev(single, has_aux=True)(params, take_rows(x, slice(i, i + 1)))
+        jacs.append(jac)
+        outs.append(f)
+    stacked = {n: torch.stack([j[n] for j in jacs]) for n in jacs[0]}
+    flat = layout.flatten(stacked, batch_dims=2)
+    return torch.stack(outs), flat if index is None else flat[..., index]
 
 
 class LaplacePredictionMixin:
@@ -86,14 +112,25 @@ class LaplacePredictionMixin:
                 cov = self.structure.ll_cov(fac, phi, k, mode)
             else:
                 index = self.subnet_index if self.subset == "subnetwork" else None
-                f, jac = batch_jacobian(self.model, self.layout, xb, index,
-                                        output=self.output)
+                f, jac = self._jacobians(xb, index)
                 if blocks:
                     jac = jac.reshape(-1, blocks[1], *jac.shape[1:])
                 cov = self.structure.jac_cov(fac, jac, mode)
             means.append(f)
             covs.append(cov.to(self.dtype))
         return torch.cat(means), torch.cat(covs)
+
+    def _jacobians(self, x: Any, index: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f [B, K], J [B, K, P])``, under vmap unless the network cannot take it."""
+        if not getattr(self, "_loop_jacobians", False):
+            try:
+                return batch_jacobian(self.model, self.layout, x, index, output=self.output)
+            except RuntimeError as exc:
+                if "vmap" not in str(exc):
+                    raise
+                self._loop_jacobians = True
+        return looped_jacobian(self.model, self.layout, x, index, output=self.output)
 
     def _weight_samples(self, x: torch.Tensor, num_samples: int | None,
                         generator: torch.Generator | None) -> torch.Tensor:

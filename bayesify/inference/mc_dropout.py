@@ -206,6 +206,11 @@ class MCDropoutModel(NetworkLikelihoodMixin, BayesianModel):
     noise unless ``noise`` is a number. Train with ``fit(..., weight_decay=...)``: L2 on
     the weights is the prior of the dropout posterior.
 
+    A peft LoRA model with ``lora_dropout > 0`` has that dropout (``nn.Dropout`` on
+    each adapter's input, in ``lora_dropout``) as its own, so it is sampled (with the
+    base model's dropout, if any) and nothing is inserted; ``fit`` trains the adapters
+    only (peft froze the base).
+
     ``default_num_samples`` is 64, a cost/accuracy compromise: the paper's UCI runs
     average 10,000 passes, which the Monte Carlo error rarely needs for classification.
     """

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesify._batching import num_rows, take_rows
 from bayesify._progress import progress_bar
 from bayesify._runtime import make_generator
 from bayesify._validation import check_choice, check_positive_float, check_positive_int
@@ -60,8 +61,6 @@ from bayesify.errors import InputError
 from bayesify.fitting import CLOSED_FORM, FitStrategy
 from bayesify.inference._lora_noise import (
     LoraFactor,
-    batch_rows,
-    call_network,
     find_lora_layers,
     lora_noise,
     repeat_batch,
@@ -224,7 +223,7 @@ class TFBModel(NetworkLikelihoodMixin, BayesianModel):
 
     def forward(self, x: Any) -> torch.Tensor:
         """The deterministic adapter's point prediction."""
-        return self._point(call_network(self.model, x))
+        return self._point(self.call_network(x))
 
     def loss(self, x: Any, y: torch.Tensor) -> torch.Tensor:
         """NLL of a batch under the current posterior (tfb is fit without gradients)."""
@@ -244,16 +243,16 @@ class TFBModel(NetworkLikelihoodMixin, BayesianModel):
         """Raw outputs [S, N, K] of the network with adapter draws σ·Z_s."""
         total = noises[0].shape[0] if noises else 1
         if sigma == 0 or not noises:
-            out = call_network(self.model, x)
+            out = self.call_network(x)
             return out.expand(total, *out.shape)
-        n = batch_rows(x)
+        n = num_rows(x)
         chunk = self.samples_per_pass or total
         outputs = []
         for start in range(0, total, chunk):
             part = [z[start:start + chunk] for z in noises]
             copies = part[0].shape[0]
             with lora_noise(self.model, list(self.factors), part, sigma):
-                out = call_network(self.model, repeat_batch(x, copies))
+                out = self.call_network(repeat_batch(x, copies))
             outputs.append(out.reshape(copies, n, *out.shape[1:]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -291,12 +290,12 @@ class TFBModel(NetworkLikelihoodMixin, BayesianModel):
             noises = self.draw_noise(self.default_num_samples, None)
         total, rows = torch.zeros((), dtype=torch.float64), 0
         step = self.search_batch_size
-        for start in range(0, x.shape[0], step):
-            xb, yb = x[start:start + step], y[start:start + step]
+        for start in range(0, num_rows(x), step):
+            xb, yb = take_rows(x, slice(start, start + step)), y[start:start + step]
             raw = self._sampled_outputs(xb, noises if sigma > 0 else [], sigma)
             pred = self.likelihood(sampled_posterior(self, raw))
             total += self._score(pred, yb).cpu()
-            rows += xb.shape[0]
+            rows += num_rows(xb)
         value = float(total) / rows
         return math.sqrt(value) if self.metric == "rmse" else value
 
@@ -311,9 +310,9 @@ class TFBModel(NetworkLikelihoodMixin, BayesianModel):
             if self.noise is not None and self.noise.kind == "homoscedastic":
                 self._initialize_noise([(x, y)])
             if self.pseudo_labels:
-                y = torch.cat([call_network(self.model, x[i:i + self.search_batch_size])
-                               .argmax(-1) for i in range(0, x.shape[0],
-                                                          self.search_batch_size)])
+                step = self.search_batch_size
+                y = torch.cat([self.call_network(take_rows(x, slice(i, i + step))).argmax(-1)
+                               for i in range(0, num_rows(x), step)])
             if not self._fixed_sigma:
                 self._search(x, y, generator, progress)
 

@@ -392,3 +392,41 @@ def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
     after = sparse.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern"])
+@pytest.mark.parametrize("ard", [True, False])
+@pytest.mark.parametrize("noise", [None, 0.01])
+def test_closed_form_gradient_of_the_objective_matches_autograd(kernel, ard, noise):
+    from bayesify.inference._gp_fit import exact_objective_and_grad
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    head = ExactGPHead(3, 2, kernel=kernel, ard=ard, noise=noise).double()
+    with torch.no_grad():
+        head.log_lengthscale.copy_(torch.randn(head.log_lengthscale.shape, generator=g))
+        head.mean.copy_(torch.randn(2, generator=g))
+        if noise is None:
+            head.log_noise.copy_(torch.randn(2, generator=g) - 2)
+    value = head.objective(z, y, warn=False)
+    names = [n for n, p in head.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, [p for p in head.parameters() if p.requires_grad])
+    mine, mine_grads = exact_objective_and_grad(
+        head, z, y, head.log_lengthscale.detach(), head.log_noise.detach(), head.mean.detach())
+    torch.testing.assert_close(mine, value.detach(), rtol=1e-12, atol=1e-12)
+    assert sorted(mine_grads) == sorted(names)
+    for name, grad in zip(names, grads, strict=True):
+        torch.testing.assert_close(mine_grads[name], grad, rtol=1e-9, atol=1e-10)
+
+
+def test_float32_and_float64_fits_reach_the_same_hyperparameters():
+    X, y = _data(60)
+    fits = {dtype: bf.bayesify(None, "gp", task="regression", num_restarts=1).to(dtype)
+            .fit((X.to(dtype), y.to(dtype)), progress=False) for dtype in (torch.float32,
+                                                                       torch.float64)}
+    head32, head64 = fits[torch.float32].gp, fits[torch.float64].gp
+    # The fit runs in float64 either way; only the data's rounding to float32 differs.
+    torch.testing.assert_close(head32.log_lengthscale.double(), head64.log_lengthscale,
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(head32.log_noise.double(), head64.log_noise, atol=1e-2, rtol=0)

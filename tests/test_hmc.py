@@ -409,3 +409,75 @@ def test_gap_regression_intervals_cover_and_chains_agree_on_the_data():
     assert float((pred.mean - truth).square().mean().sqrt()) < 0.1
     # Weights are not identifiable, but the functions the chains reach on the data agree.
     assert bm.diagnostics()["outputs"]["r_hat_median"] < 1.1
+
+
+def _small_cnn(dtype):
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(16, 3)).to(dtype)
+
+
+@pytest.mark.parametrize("frozen_by", ["subset", "requires_grad"])
+def test_last_layer_hmc_caches_backbone_features_with_the_same_draws(dtype, frozen_by):
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 1, 8, 8, generator=generator, dtype=dtype)
+    y = torch.randint(0, 3, (60,), generator=generator)
+    options = {"num_samples": 15, "warmup": 15, "max_tree_depth": 4}
+    if frozen_by == "subset":
+        options["subset"] = "last_layer"
+    fits, seconds = {}, {}
+    for cache in (True, False):
+        net = _small_cnn(dtype)
+        if frozen_by == "requires_grad":
+            for p in net[:-1].parameters():
+                p.requires_grad_(False)
+        before = [p.detach().clone() for p in net.parameters()]
+        bm = bf.bayesify(net, "hmc", task="classification", cache_features=cache, **options)
+        start = time.perf_counter()
+        fits[cache] = bm.fit((x, y), progress=False, seed=0)
+        seconds[cache] = time.perf_counter() - start
+        assert bm.head_name == "6"
+        assert bm.samples.shape[-1] == 16 * 3 + 3  # only the head is sampled
+        assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    print(f"last-layer HMC fit ({frozen_by}, {dtype}): cached {seconds[True]:.2f} s, "
+          f"uncached {seconds[False]:.2f} s")
+    cached, uncached = fits[True], fits[False]
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(cached.samples, uncached.samples, **tol)
+    torch.testing.assert_close(cached.log_density, uncached.log_density, **tol)
+    x_test = torch.randn(20, 1, 8, 8, generator=generator, dtype=dtype)
+    start = time.perf_counter()
+    probs = cached.predict(x_test).probs
+    middle = time.perf_counter()
+    reference = uncached.predict(x_test).probs
+    print(f"predict: cached {middle - start:.3f} s, uncached {time.perf_counter() - middle:.3f} s")
+    torch.testing.assert_close(probs, reference, **tol)
+
+
+def test_last_layer_cache_is_skipped_when_the_output_is_not_the_heads():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(2, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return 2 * self.head(torch.tanh(self.body(x)))
+
+    x, y = _linear_data(30, 0.3, torch.float64)
+    bm = bf.bayesify(Scaled().double(), "hmc", task="regression", subset="last_layer",
+                     num_samples=10, warmup=10, noise=0.3)
+    assert bm._head_features(x) is None  # the model scales its head's output
+    bm.fit((x, y), progress=False, seed=0)
+    assert bm.samples.shape[-1] == 5
+    weights = bm._split_theta(bm._draws(None))[0]
+    manual = torch.stack([2 * F.linear(torch.tanh(bm.model.body(x)), w[:4].view(1, 4), w[4:])
+                          for w in weights])
+    torch.testing.assert_close(bm._sample_outputs(weights, x), manual)
+
+
+def test_subset_is_checked():
+    with pytest.raises(bf.InputError, match="`subset` must be one of"):
+        bf.bayesify(nn.Linear(2, 1), "hmc", task="regression", subset="first_layer")

@@ -87,7 +87,8 @@ class GPModel(BayesianModel):
         input_bounds: [2, d] lower/upper bounds of the features for the unit-cube
             scaling (the training range when ``None``).
         num_restarts: L-BFGS-B starts of the exact GP's hyperparameter fit (prior modes,
-            then prior draws; the best wins; up to 5 when every start fails).
+            then prior draws, screened on 256 rows for larger N; the best wins; up to 5
+            when every start fails).
         num_classes: C for classification when the model cannot tell.
         head: name of the layer whose input are the features (default: the last Linear).
         n_data: N for the ELBO's scaling (the training-set size when ``None``).

@@ -31,6 +31,15 @@ the running statistics it has when ``fit`` is called (train the network first: a
 fresh BatchNorm's statistics are 0 and 1). Its affine weights are sampled like any
 other weight; the statistics are not.
 
+Last layer (``subset="last_layer"``, or a network whose only trainable weights are
+its final ``nn.Linear``, the backbone frozen with ``requires_grad=False``): only the
+head's weights are sampled, the backbone keeps its weights. The backbone's output (the
+head's input φ, captured by a forward hook) is then computed once for the training set
+and the potential runs the head alone, at every leapfrog step; prediction runs the
+backbone once per batch and the head once per draw. The cache applies when the
+network's output is its head's output unchanged (checked on the data;
+``cache_features=False`` turns it off).
+
 Convergence: after fitting and when predicting, a :class:`ConvergenceWarning` names
 the failed check and the fix: the median split-R-hat of the outputs at (up to 256 of)
 the training inputs above 1.1, their median ESS below 10, a stuck chain, or more than
@@ -49,11 +58,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
+from torch.func import functional_call, vmap
 
 from bayesify._batching import num_rows, take_rows
 from bayesify._progress import progress_enabled
 from bayesify._validation import (
+    check_choice,
     check_fraction,
     check_labels,
     check_positive_float,
@@ -63,6 +73,7 @@ from bayesify.checkpoint import mark_dynamic
 from bayesify.core import BayesianModel, preserve_training_flags, register_method
 from bayesify.errors import InputError, NotFittedError
 from bayesify.fitting import MCMC, FitStrategy
+from bayesify.inference._heads import find_head, run_to_head
 from bayesify.inference._sampled import sampled_posterior, user_stacklevel
 from bayesify.inference.deterministic import NetworkLikelihoodMixin
 from bayesify.inference.hmc_chains import (
@@ -87,6 +98,19 @@ _FIT_BUFFERS = ("samples", "log_density", "function_r_hat", "function_ess", "div
                 "acceptance_rate", "adapted_step_size")
 # Training inputs at which the convergence of the outputs is checked.
 _CHECK_POINTS = 256
+_SUBSETS = ("all", "last_layer")
+
+
+def _only_trainable_linear(model: nn.Module, names: list[str]) -> str | None:
+    """The name of the ``nn.Linear`` holding all of ``names`` (the trainable weights), if
+    one does: its input can then be cached."""
+    owners = {name.rpartition(".")[0] for name in names}
+    if len(owners) != 1:
+        return None
+    owner = owners.pop()
+    if not owner:
+        return None
+    return owner if isinstance(model.get_submodule(owner), nn.Linear) else None
 
 
 @register_method("hmc")
@@ -120,6 +144,11 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
             whose cost is latency, which extra threads only add synchronization to;
             ``None`` keeps torch's setting.
         num_outputs: D, when it cannot be read off the model's last layer.
+        subset: ``"all"`` trainable weights, or only the ``"last_layer"`` (the ``head``).
+        head: the name of the final ``nn.Linear`` for ``subset="last_layer"`` (default:
+            the last Linear).
+        cache_features: with last-layer sampling, compute the frozen backbone's
+            features once and run only the head per leapfrog step and per draw.
         n_data: set to the training-set size by ``fit`` (the full set is always used).
 
     ``loss(x, y)`` is the negative log joint per datum at the model's current weights
@@ -138,6 +167,7 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
                  target_accept: float = 0.8, max_parameters: int = 5000,
                  seed: int | None = None, num_threads: int | None = 1,
                  num_outputs: int | None = None, noise_param: str | None = None,
+                 subset: str = "all", head: str | None = None, cache_features: bool = True,
                  n_data: int | None = None):
         if model is None:
             raise InputError("`model` is None; HMC needs a network whose weights it samples")
@@ -158,7 +188,16 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         self._init_likelihood(noise, num_outputs, noise_param=noise_param)
         if self._samples_noise:
             self.likelihood = GaussianLikelihood(self._split_sampled_noise)
-        self._flat = FlatParameters(model)
+        self.subset = check_choice(subset, "subset", _SUBSETS)
+        self.cache_features = bool(cache_features)
+        #: The sampled head's name when only the last layer is sampled, else None.
+        self.head_name: str | None = None
+        if self.subset == "last_layer":
+            self.head_name, _ = find_head(model, head)
+            self._flat = FlatParameters(model, prefix=self.head_name)
+        else:
+            self._flat = FlatParameters(model)
+            self.head_name = _only_trainable_linear(model, self._flat.names)
         if self._flat.numel == 0:
             raise InputError("`model` has no trainable parameters for HMC to sample")
         if self._flat.numel > self.max_parameters:
@@ -200,13 +239,34 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         d = self.noise.num_outputs
         return raw[..., :d], torch.exp(2 * raw[..., d:])
 
-    def _outputs(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Network outputs [N, K] at one flat weight vector [P] (the caller sets eval)."""
-        return self.call_network(x, params=self._flat.unflatten(weights))
+    def _outputs(self, weights: torch.Tensor, x: Any,
+                 features: torch.Tensor | None = None) -> torch.Tensor:
+        """Network outputs [N, K] at one flat weight vector [P] (the caller sets eval);
+        given the head's cached input ``features``, the head's alone."""
+        params = self._flat.unflatten(weights)
+        if features is None:
+            return self.call_network(x, params=params)
+        skip = len(self.head_name) + 1
+        head = self.model.get_submodule(self.head_name)
+        return functional_call(head, {n[skip:]: t for n, t in params.items()}, (features,))
 
-    def _sample_outputs(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _head_features(self, x: Any) -> torch.Tensor | None:
+        """The head's input φ at x (one backbone pass, eval mode, no autograd through
+        the frozen backbone), or None when the cache does not apply: full-network
+        sampling, ``cache_features=False``, or an output other than the head's."""
+        if self.head_name is None or not self.cache_features:
+            return None
+        with torch.no_grad():
+            run = run_to_head(self.model, self.head_name, x, frozen=True, output=self.output)
+        return run.features.detach() if run.output_is_head_output else None
+
+    def _sample_outputs(self, weights: torch.Tensor, x: Any) -> torch.Tensor:
         """Outputs [S, N, K] for draws [S, P] in eval mode, batched with vmap where the
-        model allows."""
+        model allows (the backbone once and the head per draw when features are
+        cached)."""
+        features = self._head_features(x)
+        if features is not None:
+            return vmap(self._outputs, in_dims=(0, None, None))(weights, None, features)
         with preserve_training_flags(self.model):
             self.model.eval()
             try:
@@ -233,10 +293,12 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
             prior = prior + gaussian_log_prior(log_std, self.noise_prior_std)
         return prior
 
-    def _log_joint(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log p(θ, y | x) of one draw θ [P'] on the whole of x, y (a scalar)."""
+    def _log_joint(self, theta: torch.Tensor, x: Any, y: torch.Tensor,
+                   features: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(θ, y | x) of one draw θ [P'] on the whole of x, y (a scalar); given
+        the head's cached input ``features``, only the head runs."""
         weights, log_std = self._split_theta(theta)
-        return (self._log_likelihood(self._outputs(weights, x), log_std, y)
+        return (self._log_likelihood(self._outputs(weights, x, features), log_std, y)
                 + self._log_prior(weights, log_std))
 
     def _check_targets(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -260,8 +322,8 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
         """
         output = self.call_network(x)
         y = self._check_targets(output, y)
-        weights = torch.cat([p.reshape(-1) for n, p in self.model.named_parameters()
-                             if p.requires_grad])
+        params = dict(self.model.named_parameters())
+        weights = torch.cat([params[n].reshape(-1) for n in self._flat.names])
         log_std = self.noise.log_std.to(output.dtype) if self._samples_noise else None
         rows = num_rows(x)
         n = self.n_data or rows
@@ -293,6 +355,7 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
             self.n_data = num_rows(x)
             if self._samples_noise:
                 self._initialize_noise([(x, y)])
+            features = self._head_features(x)  # the frozen backbone runs once
             start = self._flat.flatten(self.model)
             if self._samples_noise:
                 start = torch.cat([start, self.noise.log_std.detach().to(start)])
@@ -302,14 +365,14 @@ class HMCModel(NetworkLikelihoodMixin, BayesianModel):
                 if seed is not None:
                     torch.manual_seed(seed)
                 draws, stats = run_nuts(
-                    lambda theta: -self._log_joint(theta, x, y), start,
+                    lambda theta: -self._log_joint(theta, x, y, features), start,
                     num_chains=self.num_chains, num_samples=self.num_samples,
                     warmup=self.warmup, step_size=self.step_size,
                     max_tree_depth=self.max_tree_depth, target_accept=self.target_accept,
                     init_scale=0.1 * self.prior_std, progress=progress_enabled(progress))
             with torch.no_grad():
                 flat = draws.reshape(-1, draws.shape[-1])
-                log_density = torch.stack([self._log_joint(t, x, y) for t in flat])
+                log_density = torch.stack([self._log_joint(t, x, y, features) for t in flat])
                 r_hat, ess = self._function_diagnostics(draws, x)
         floats = {"dtype": draws.dtype, "device": draws.device}
         self.samples = draws

@@ -173,10 +173,15 @@ def intra_op_threads(num_threads: int | None) -> Iterator[None]:
 
 
 class FlatParameters:
-    """The map between a module's trainable parameters and one flat vector [P]."""
+    """The map between a module's trainable parameters and one flat vector [P].
 
-    def __init__(self, module: nn.Module):
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    With ``prefix`` (a submodule's name), only that submodule's parameters, named as in
+    ``module.named_parameters()``; the others stay the module's own.
+    """
+
+    def __init__(self, module: nn.Module, prefix: str | None = None):
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad
+                 and (prefix is None or n.startswith(prefix + "."))]
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]

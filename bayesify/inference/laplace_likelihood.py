@@ -43,7 +43,7 @@ def laplace_bridge(mean: torch.Tensor, covariance: torch.Tensor | None = None,
         row = covariance.sum(-1)                                   # Σ1 [N, C]
         total = row.sum(-1, keepdim=True)
         diag = covariance.diagonal(dim1=-2, dim2=-1)
-        # Σ already centered (1ᵀΣ1 ≈ 0, as bayesify's Laplace gives it): center μ only.
+        # Σ already centered (1ᵀΣ1 ≈ 0, nothing left to remove): center μ only.
         flat = total <= 1e3 * torch.finfo(mean.dtype).eps * diag.sum(-1, keepdim=True)
         safe = torch.where(flat, torch.ones_like(total), total)
         corrected = mean - row * mean.sum(-1, keepdim=True) / safe

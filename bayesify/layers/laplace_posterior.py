@@ -54,17 +54,9 @@ def _is_scalar(prior: torch.Tensor) -> bool:
     return prior.numel() == 1 or (prior.dim() == 1 and prior.stride(0) == 0)
 
 
-def _diagonal_cov(v: torch.Tensor, mode: str, center: bool) -> torch.Tensor:
-    """A covariance diag(v) over K outputs [..., N, K] in ``mode`` ("diag"/"output"),
-    of the centered outputs with ``center``: (I − 11ᵀ/K) diag(v) (I − 11ᵀ/K)."""
-    k = v.shape[-1]
-    if not center:
-        return v if mode == "diag" else torch.diag_embed(v)
-    total = v.sum(-1, keepdim=True) / k**2
-    if mode == "diag":
-        return v * (1 - 2 / k) + total
-    cov = torch.diag_embed(v) - (v[..., :, None] + v[..., None, :]) / k
-    return cov + total[..., None]
+def _diagonal_cov(v: torch.Tensor, mode: str) -> torch.Tensor:
+    """A covariance diag(v) over K outputs [..., N, K] in ``mode`` ("diag"/"output")."""
+    return v if mode == "diag" else torch.diag_embed(v)
 
 
 def _ll_jacobian(phi: torch.Tensor, classes: int) -> torch.Tensor:
@@ -75,10 +67,8 @@ def _ll_jacobian(phi: torch.Tensor, classes: int) -> torch.Tensor:
     return jac.reshape(*phi.shape[:-1], classes, classes * phi.shape[-1])
 
 
-def _cov_from_sqrt(w: torch.Tensor, mode: str, center: bool = False) -> torch.Tensor:
-    """J Σ Jᵀ from W = J R [..., N, K, P'] (of the centered outputs with ``center``)."""
-    if center:
-        w = w - w.mean(-2, keepdim=True)
+def _cov_from_sqrt(w: torch.Tensor, mode: str) -> torch.Tensor:
+    """J Σ Jᵀ from W = J R [..., N, K, P']."""
     if mode == "diag":
         return w.pow(2).sum(-1)
     if mode == "output":
@@ -137,16 +127,13 @@ class LaplaceStructure(nn.Module):
     def fdtype(self) -> torch.dtype:
         return factor_dtype(getattr(self, self._buffers_for_cache[0]).device)
 
-    def ll_cov(self, fac: Any, phi: torch.Tensor, classes: int, mode: str,
-               center: bool = False) -> torch.Tensor:
-        """J Σ Jᵀ of a last layer at features φ̃ [..., N, D]; with ``center`` that of
-        the centered outputs (I − 11ᵀ/K) f (modes "diag" and "output")."""
-        return _cov_from_sqrt(self.apply_sqrt(fac, _ll_jacobian(phi, classes)), mode, center)
+    def ll_cov(self, fac: Any, phi: torch.Tensor, classes: int, mode: str) -> torch.Tensor:
+        """J Σ Jᵀ of a last layer at features φ̃ [..., N, D]."""
+        return _cov_from_sqrt(self.apply_sqrt(fac, _ll_jacobian(phi, classes)), mode)
 
-    def jac_cov(self, fac: Any, jac: torch.Tensor, mode: str,
-                center: bool = False) -> torch.Tensor:
-        """J Σ Jᵀ from Jacobians [..., N, K, P] (see :meth:`ll_cov` for ``center``)."""
-        return _cov_from_sqrt(self.apply_sqrt(fac, jac), mode, center)
+    def jac_cov(self, fac: Any, jac: torch.Tensor, mode: str) -> torch.Tensor:
+        """J Σ Jᵀ from Jacobians [..., N, K, P]."""
+        return _cov_from_sqrt(self.apply_sqrt(fac, jac), mode)
 
 
 class FullLaplace(LaplaceStructure):
@@ -189,28 +176,18 @@ class FullLaplace(LaplaceStructure):
         return torch.linalg.solve_triangular(fac.T, z.to(fac.dtype).T, upper=True).T
 
     def ll_cov(self, fac: torch.Tensor, phi: torch.Tensor, classes: int,
-               mode: str, center: bool = False) -> torch.Tensor:
+               mode: str) -> torch.Tensor:
         """From Σ = (H + P)⁻¹ as blocks Σ_cc' [D, D]: φ̃ᵀΣ_cc'φ̃, no Jacobian formed."""
         sigma = self._cached("covariance", lambda: torch.cholesky_inverse(fac), fac)
         d = phi.shape[-1]
         s4 = sigma.reshape(classes, d, classes, d)
         phi = phi.to(sigma.dtype)
         if mode == "output":
-            cov = torch.einsum("...ni,cidj,...nj->...ncd", phi, s4, phi)
-            if center:
-                cov = cov - cov.mean(-1, keepdim=True)
-                cov = cov - cov.mean(-2, keepdim=True)
-            return cov
+            return torch.einsum("...ni,cidj,...nj->...ncd", phi, s4, phi)
         blocks = s4.diagonal(dim1=0, dim2=2).permute(2, 0, 1)          # Σ_cc [C, D, D]
         if mode == "joint":
             return torch.einsum("...ni,cij,...mj->...cnm", phi, blocks, phi)
-        var = torch.einsum("...ni,cij,...nj->...nc", phi, blocks, phi)
-        if center:  # diag((I − 11ᵀ/C) Σ_f (I − 11ᵀ/C)) from row sums of the blocks
-            rows = s4.sum(2)                                             # Σ_c' Σ_cc'
-            row_var = torch.einsum("...ni,cij,...nj->...nc", phi, rows, phi)
-            total = torch.einsum("...ni,ij,...nj->...n", phi, rows.sum(0), phi)
-            var = var - 2 * row_var / classes + total[..., None] / classes**2
-        return var
+        return torch.einsum("...ni,cij,...nj->...nc", phi, blocks, phi)
 
 
 class DiagLaplace(LaplaceStructure):
@@ -241,9 +218,9 @@ class DiagLaplace(LaplaceStructure):
         return z.to(fac.dtype) * fac
 
     def ll_cov(self, fac: torch.Tensor, phi: torch.Tensor, classes: int,
-               mode: str, center: bool = False) -> torch.Tensor:
+               mode: str) -> torch.Tensor:
         var = fac.pow(2).reshape(classes, -1)
         phi = phi.to(fac.dtype)
         if mode == "joint":
             return torch.einsum("...ni,ci,...mi->...cnm", phi, var, phi)
-        return _diagonal_cov(phi.pow(2) @ var.T, mode, center)
+        return _diagonal_cov(phi.pow(2) @ var.T, mode)

@@ -142,10 +142,8 @@ class KronLaplace(LaplaceStructure):
         return torch.cat(parts, -1)
 
     def ll_cov(self, fac: list[tuple], phi: torch.Tensor, classes: int,
-               mode: str, center: bool = False) -> torch.Tensor:
+               mode: str) -> torch.Tensor:
         _, q_g, q_a, inv_sqrt = fac[0]
-        if center and mode != "joint":  # (I − 11ᵀ/C) Q_G: centered rows
-            q_g = q_g - q_g.mean(0, keepdim=True)
         u = phi.to(self.fdtype) @ q_a                        # [..., N, D]
         s_inv = inv_sqrt.pow(2)                              # [C, D]
         if mode == "joint":
@@ -221,7 +219,7 @@ class LowRankLaplace(LaplaceStructure):
         return (z - ((z @ v_q) * d) @ v_q.T) * std
 
     def ll_cov(self, fac: tuple[torch.Tensor, ...], phi: torch.Tensor, classes: int,
-               mode: str, center: bool = False) -> torch.Tensor:
+               mode: str) -> torch.Tensor:
         std, v_q, d = fac
         phi = phi.to(std.dtype)
         var = std.pow(2).reshape(classes, -1)                          # [C, D]
@@ -231,9 +229,7 @@ class LowRankLaplace(LaplaceStructure):
         if mode == "joint":
             base = torch.einsum("...ni,ci,...mi->...cnm", phi, var, phi)
             return base - torch.einsum("...ncr,r,...mcr->...cnm", y, g, y)
-        base = _diagonal_cov(phi.pow(2) @ var.T, mode, center)
-        if center:
-            y = y - y.mean(-2, keepdim=True)
+        base = _diagonal_cov(phi.pow(2) @ var.T, mode)
         if mode == "diag":
             return base - y.pow(2) @ g
         return base - torch.einsum("...ncr,r,...nkr->...nck", y, g, y)

@@ -43,17 +43,19 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # bf.bo imports BoTorch, which takes seconds: load it on first use only.
-    if name == "bo":
+    # bf.bo imports BoTorch, which takes seconds, and bf.testing is for method authors:
+    # both load on first use only.
+    if name in ("bo", "testing"):
         import importlib
 
-        return importlib.import_module("bayesify.bo")
+        return importlib.import_module(f"bayesify.{name}")
     raise AttributeError(f"module 'bayesify' has no attribute {name!r}")
 
 
 __all__ = [
     "TASKS",
     "bo",
+    "testing",
     "calibration",
     "data",
     "likelihoods",

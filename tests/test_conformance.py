@@ -87,3 +87,19 @@ def test_a_broken_method_fails_with_the_check_named(dtype):
 def test_unknown_check_is_named():
     with pytest.raises(bf.InputError, match="unknown checks"):
         check_method("deterministic", "regression", checks=["nope"])
+
+
+def test_the_readme_example_of_adding_a_method_runs():
+    import pathlib
+
+    from bayesify.core import _REGISTRY
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    try:
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+        assert "my_method" in _REGISTRY
+    finally:
+        _REGISTRY.pop("my_method", None)

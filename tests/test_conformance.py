@@ -94,7 +94,7 @@ def test_the_readme_example_of_adding_a_method_runs():
 
     from bayesify.core import _REGISTRY
 
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Adding a method"):]
     code = section[section.index("```python") + len("```python"):]
     code = code[:code.index("```")]

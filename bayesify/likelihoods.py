@@ -27,6 +27,7 @@ the mean the gradient of the squared error.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -134,7 +135,7 @@ def _flat(posterior: Posterior) -> None:
                          "output=lambda out: ... to bayesify(...) to pick the logits or means")
 
 
-class Likelihood:
+class Likelihood(abc.ABC):
     """Maps a :class:`~bayesify.posterior.Posterior` over latent f to a Predictive."""
 
     def __call__(self, posterior: Posterior, *, num_samples: int | None = None,
@@ -142,9 +143,10 @@ class Likelihood:
         _flat(posterior)
         return _with_scores(self._predictive(posterior, num_samples, generator), posterior)
 
+    @abc.abstractmethod
     def _predictive(self, posterior: Posterior, num_samples: int | None,
                     generator: torch.Generator | None) -> Predictive:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The Predictive of a posterior over N points (mean [N, K])."""
 
 
 class CategoricalLikelihood(Likelihood):

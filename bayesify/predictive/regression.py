@@ -95,9 +95,9 @@ class RegressionPredictive(Predictive):
         """1 for a [N] mean, 2 for [N, D] (without computing the mean where it costs)."""
         return self.mean.dim()
 
+    @abc.abstractmethod
     def _select_output(self, index: int) -> RegressionPredictive:
         """The predictive of output ``index`` of a [N, D] predictive, mean [N]."""
-        raise NotImplementedError(f"{type(self).__name__} cannot select one output")
 
     def joint_log_prob(self, y: Any) -> torch.Tensor:
         """Log density of all D outputs of each point jointly, [N].

@@ -214,7 +214,7 @@ def peer_digits_child(folder: str) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     laplace = _import_peer()
-    d = torch.load(os.path.join(folder, "digits.pt"))
+    d = torch.load(os.path.join(folder, "digits.pt"), weights_only=True)
 
     def wrap(model, x, y):
         la = laplace.Laplace(model, "classification", subset_of_weights="last_layer",
@@ -279,7 +279,7 @@ def peer_digits(data, net: nn.Module, python: str, folder: str) -> dict:
                 "X_corrupted": data.X_corrupted, "X_ood": data.X_ood},
                os.path.join(folder, "digits.pt"))
     info = _run([python, __file__, "--peer-digits", folder])
-    peer = torch.load(os.path.join(folder, "peer_digits.pt"))
+    peer = torch.load(os.path.join(folder, "peer_digits.pt"), weights_only=True)
     ours = {"lml": [float(tuned.log_marginal_likelihood(p)) for p in priors]}
     with torch.no_grad():
         post = tuned.posterior(test64)
@@ -344,7 +344,7 @@ def _cost_setup(classes: int, folder: str) -> str:
 
 
 def _load_cost(path: str, n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    d = torch.load(path)
+    d = torch.load(path, weights_only=True)
     net = _cost_net(d["classes"])
     net.load_state_dict(d["state"])
     return net.eval(), d["x"][:n], d["y"][:n]

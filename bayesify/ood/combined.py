@@ -76,18 +76,17 @@ class PredictiveScore(FeatureDetector):
             if self.seed is not None:
                 options["seed"] = self.seed
             return predictive_score(self._model.predict(x, **options), self.kind)
-        scores = []
-        for xb in extractor.inputs(x):
-            logits = extractor.outputs(xb)
-            if self.kind == "energy":
-                scores.append(energy_from_logits(logits))
-            else:
-                if logits.dim() != 2:
-                    raise InputError(f"`kind`={self.kind!r} on a plain network needs logits "
-                                     f"[N, C]; it returned shape {list(logits.shape)}")
-                pred = CategoricalPredictive.from_logits(logits)
-                scores.append(predictive_score(pred, self.kind))
-        return torch.cat(scores)
+        return torch.cat([self._score(None, extractor.outputs(xb))
+                          for xb in extractor.inputs(x)])
+
+    def _score(self, features: torch.Tensor | None, outputs: torch.Tensor) -> torch.Tensor:
+        """The score of a plain network's logits [N, C] -> [N]."""
+        if self.kind == "energy":
+            return energy_from_logits(outputs)
+        if outputs.dim() != 2:
+            raise InputError(f"`kind`={self.kind!r} on a plain network needs logits "
+                             f"[N, C]; it returned shape {list(outputs.shape)}")
+        return predictive_score(CategoricalPredictive.from_logits(outputs), self.kind)
 
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "not fitted"

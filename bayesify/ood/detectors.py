@@ -19,6 +19,7 @@ the training set's y; when ``train`` holds inputs only, the model's predicted cl
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -35,7 +36,7 @@ __all__ = ["KNN", "FeatureDetector", "Mahalanobis", "RelativeMahalanobis", "ViM"
 _KNN_BLOCK_ELEMENTS = 2**25
 
 
-class FeatureDetector:
+class FeatureDetector(abc.ABC):
     """Base class: ``fit(model_or_bm, train)`` then ``score(x) -> [N]``.
 
     Args:
@@ -98,10 +99,13 @@ class FeatureDetector:
 
     def _fit(self, extractor: FeatureExtractor, features: torch.Tensor,
              outputs: torch.Tensor, labels: torch.Tensor | None) -> None:
-        raise NotImplementedError
+        """Fit the detector's statistics on training features [N, d] (float64), outputs
+        [N, C] and labels [N] (or ``None``); detectors without statistics keep none."""
+        return None
 
+    @abc.abstractmethod
     def _score(self, features: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Scores [N] (higher is more OOD) from features [N, d] and outputs [N, C]."""
 
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "not fitted"

@@ -96,13 +96,16 @@ class ODIN(FeatureDetector):
             if self.epsilon > 0:
                 xb = self._perturb(extractor, xb)
             with torch.no_grad():
-                logits = extractor.outputs(xb)
-                if logits.dim() != 2:
-                    raise UnsupportedModelError(f"ODIN needs logits [N, C]; the model "
-                                                f"returned shape {list(logits.shape)}")
-                probs = torch.softmax(logits.double() / self.temperature, dim=-1)
-                scores.append((-probs.max(dim=-1).values).to(logits.dtype))
+                scores.append(self._score(None, extractor.outputs(xb)))
         return torch.cat(scores)
+
+    def _score(self, features: torch.Tensor | None, outputs: torch.Tensor) -> torch.Tensor:
+        """-max softmax(logits / T) [N] of the (perturbed) inputs' logits [N, C]."""
+        if outputs.dim() != 2:
+            raise UnsupportedModelError(f"ODIN needs logits [N, C]; the model "
+                                        f"returned shape {list(outputs.shape)}")
+        probs = torch.softmax(outputs.double() / self.temperature, dim=-1)
+        return (-probs.max(dim=-1).values).to(outputs.dtype)
 
 
 class ReActEnergy(FeatureDetector):

@@ -257,31 +257,29 @@ def check_copy_model(ctx: _Context) -> None:
         _fail(ctx, "copy_model", "copy_model=True froze the user's parameters")
 
 
+def _expect_error(ctx: _Context, call: Callable[[], Any], error: type[Exception],
+                  mention: str, what: str) -> None:
+    """``call()`` must raise ``error`` with a message that mentions ``mention``."""
+    try:
+        call()
+    except error as exc:
+        if mention not in str(exc):
+            _fail(ctx, "errors", f"{what}: the error does not mention {mention!r}: {exc}")
+    else:
+        _fail(ctx, "errors", f"{what} did not raise {error.__name__}")
+
+
 def check_errors(ctx: _Context) -> None:
     bm = ctx.wrap()
     if not bm.is_fitted:
-        for call in (lambda: bm.predict(ctx.x_test()), lambda: bm.posterior(ctx.x_test())):
-            try:
-                call()
-            except NotFittedError as exc:
-                if "fit" not in str(exc):
-                    _fail(ctx, "errors", f"NotFittedError does not say what to call: {exc}")
-            else:
-                _fail(ctx, "errors", "predicting before fit did not raise NotFittedError")
-    try:
-        ctx.wrap(no_such_option=1)
-    except InputError as exc:
-        if "no_such_option" not in str(exc):
-            _fail(ctx, "errors", f"the unknown-option error does not name it: {exc}")
-    else:
-        _fail(ctx, "errors", "an unknown option did not raise InputError")
-    try:
-        ctx.fit(ctx.wrap(), epochs=-1)
-    except InputError as exc:
-        if "epochs" not in str(exc):
-            _fail(ctx, "errors", f"a bad fit option's error does not name it: {exc}")
-    else:
-        _fail(ctx, "errors", "fit(epochs=-1) did not raise InputError")
+        _expect_error(ctx, lambda: bm.predict(ctx.x_test()), NotFittedError, "fit",
+                      "predict before fit")
+        _expect_error(ctx, lambda: bm.posterior(ctx.x_test()), NotFittedError, "fit",
+                      "posterior before fit")
+    _expect_error(ctx, lambda: ctx.wrap(no_such_option=1), InputError, "no_such_option",
+                  "an unknown option")
+    _expect_error(ctx, lambda: ctx.fit(ctx.wrap(), epochs=-1), InputError, "epochs",
+                  "fit(epochs=-1)")
 
 
 def check_finite(ctx: _Context) -> None:

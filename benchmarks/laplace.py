@@ -70,6 +70,7 @@ import threading
 import time
 
 import torch
+from _digits import digits_mlp, train_digits_mlp
 from torch import nn
 
 N_COST, IN_FEATURES, WIDTH = 20_000, 64, 512
@@ -80,26 +81,6 @@ COMPARE_PRIORS = (1.0, 10.0)
 
 
 # ----------------------------------------------------------------------------- digits
-
-
-def _digits_mlp(classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                         nn.Linear(128, classes))
-
-
-def _train_mlp(data, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = _digits_mlp(data.num_classes)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(60):
-        order = torch.randperm(len(data.y_train), generator=generator)
-        for start in range(0, len(order), 64):
-            idx = order[start:start + 64]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(data.X_train[idx]), data.y_train[idx]).backward()
-            optimizer.step()
-    return net.eval()
 
 
 def _metrics(clean, shifted, out, data) -> dict:
@@ -222,7 +203,7 @@ def peer_digits_child(folder: str) -> dict:
         la.fit(DataLoader(TensorDataset(x, y), batch_size=PEER_BATCH))
         return la
 
-    net = _digits_mlp(d["classes"])
+    net = digits_mlp(d["classes"])
     net.load_state_dict(d["state"])
     net.eval()
     out: dict = {}
@@ -267,7 +248,7 @@ def peer_digits(data, net: nn.Module, python: str, folder: str) -> dict:
     import bayesify as bf
 
     x64, y, test64 = data.X_train.double(), data.y_train, data.X_test.double()
-    net64 = _digits_mlp(data.num_classes).double()
+    net64 = digits_mlp(data.num_classes).double()
     net64.load_state_dict(net.state_dict())
     net64.eval()
     tuned = bf.bayesify(net64, "laplace", task="classification", approximation="mc")
@@ -520,7 +501,7 @@ def main() -> None:
             from bayesify.data import load_digits
 
             data = load_digits()
-            net = _train_mlp(data)
+            net = train_digits_mlp(data)
             peer = None
             if args.laplace_python:
                 peer = peer_digits(data, net, args.laplace_python, folder)

@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+from _digits import train_digits_mlp
 from torch import nn
 
 OFFICIAL_PYTHON = os.environ.get("VBLL_OFFICIAL_PYTHON", "/tmp/vbllvenv/bin/python")
@@ -46,29 +47,13 @@ OFFICIAL_MEMORY_LIMIT = 5e8
 # ----------------------------------------------------------------------------- digits
 
 
-def _train_mlp(data, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                        nn.Linear(128, data.num_classes))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(60):
-        order = torch.randperm(len(data.y_train), generator=generator)
-        for start in range(0, len(order), 64):
-            idx = order[start:start + 64]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(data.X_train[idx]), data.y_train[idx]).backward()
-            optimizer.step()
-    return net
-
-
 def digits_table() -> None:
     import bayesify as bf
     from bayesify import calibration, ood
     from bayesify.data import load_digits
 
     data = load_digits()
-    net = _train_mlp(data)
+    net = train_digits_mlp(data)
     rows = []
     for name, method, options in [
         ("deterministic softmax", "deterministic", {}),

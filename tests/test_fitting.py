@@ -3,10 +3,9 @@ training in a user's own loop (plain and Lightning), progress-bar switches."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _lightning import train_with_lightning
 from torch import nn
 
 import bayesify as bf
@@ -137,32 +136,10 @@ def test_a_plain_loop_with_loss_then_finish_fit_predicts():
 
 
 def test_a_lightning_module_trains_the_loss_and_the_model_predicts(tmp_path):
-    lightning = pytest.importorskip("lightning")
     bm = bf.bayesify(_net(), "deterministic", task="regression")
-
-    class Module(lightning.LightningModule):
-        def __init__(self, bm):
-            super().__init__()
-            self.bm = bm
-
-        def training_step(self, batch, batch_idx):
-            return self.bm.loss(*batch)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.bm.parameters(), lr=1e-2)
-
-        def on_train_end(self):
-            self.bm.finish_fit()
-
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    with warnings.catch_warnings():
-        # Lightning's own advice (worker counts, logging, accelerators) is not ours.
-        warnings.simplefilter("ignore")
-        trainer = lightning.Trainer(max_epochs=20, logger=False, enable_checkpointing=False,
-                                    enable_progress_bar=False, enable_model_summary=False,
-                                    accelerator="cpu", default_root_dir=tmp_path)
-        trainer.fit(Module(bm), loader)
+    train_with_lightning(bm, loader, epochs=20, root=tmp_path, finish_in_hook=True)
     assert bm.is_fitted
     pred = bm.predict(x)
     mse = float((pred.mean - y).pow(2).mean())

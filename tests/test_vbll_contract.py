@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _lightning import train_with_lightning
 from test_vbll_method import _blobs, _pretrained
 from torch import nn
 
@@ -119,7 +120,6 @@ def test_regression_joint_posterior_is_phi_s_phi(covariance, dtype):
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 @pytest.mark.filterwarnings("ignore::UserWarning:lightning.*")
 def test_lightning_trainer_then_finish_fit_predicts(tmp_path):
-    lightning = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y = _blobs()
@@ -127,21 +127,8 @@ def test_lightning_trainer_then_finish_fit_predicts(tmp_path):
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     bm = bf.bayesify(net, "vbll", task="classification", n_data=len(y), freeze_backbone=False)
 
-    class Module(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.bm = bm
-
-        def training_step(self, batch, index):
-            return self.bm.loss(*batch)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.bm.parameters(), lr=1e-2)
-
-    trainer = lightning.Trainer(max_epochs=15, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                accelerator="cpu", devices=1, default_root_dir=tmp_path)
-    trainer.fit(Module(), DataLoader(TensorDataset(x, y), batch_size=60, shuffle=True))
+    train_with_lightning(bm, DataLoader(TensorDataset(x, y), batch_size=60, shuffle=True),
+                         epochs=15, root=tmp_path)
     pred = bm.finish_fit().predict(x, seed=0)
     assert float((pred.labels == y).float().mean()) > 0.95
 

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from _lightning import train_with_lightning
 from torch import nn
 
 import bayesify as bf
@@ -309,29 +310,14 @@ def test_a_plain_loop_over_loss_then_finish_fit_predicts(method, digits):
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 @pytest.mark.filterwarnings("ignore::UserWarning:lightning.*")
 def test_a_lightning_trainer_then_finish_fit_predicts(tmp_path, digits):
-    lightning = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
     bm = bf.bayesify(_mlp(), "vi", task="classification", n_data=len(digits.y_train))
 
-    class Module(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.bm = bm
-
-        def training_step(self, batch, index):
-            return self.bm.loss(*batch)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.bm.parameters(), lr=1e-2)
-
-    trainer = lightning.Trainer(max_epochs=10, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                accelerator="cpu", devices=1, default_root_dir=tmp_path)
     loader = DataLoader(TensorDataset(digits.X_train, digits.y_train), batch_size=128,
                         shuffle=True)
-    trainer.fit(Module(), loader)
+    train_with_lightning(bm, loader, epochs=10, root=tmp_path)
     pred = bm.finish_fit().predict(digits.X_test, seed=0)
     assert (pred.labels == digits.y_test).float().mean() > 0.85
 
